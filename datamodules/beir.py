@@ -1,0 +1,249 @@
+"""``BEIRDataModule``: BEIR-format retrieval tasks for ``search-r3 test`` / ``validate``.
+
+``setup`` reads qrels and queries (small) and scans the corpus once for ids, so that every id problem
+is reported with its file and line *before* minutes of encoding are spent. The corpus text itself is
+streamed from disk by :class:`CorpusStream` and never held in memory.
+
+Capping (``max_queries`` / ``max_corpus_docs``) is for quick runs only: the kept queries' judged
+documents are always kept, and the rest of the budget is filled with the first other documents of
+the corpus file. A capped corpus has fewer distractors, so its nDCG/recall are *higher* than the full
+corpus would give; such numbers are labelled with the cap wherever they are recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from datamodules.beir_files import (
+    DataFormatError,
+    OnBadRow,
+    Qrels,
+    ReadReport,
+    find_file,
+    iter_corpus,
+    read_qrels,
+    read_queries,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrievalTask:
+    """One dataset split ready for evaluation: what to encode and how to judge it."""
+
+    name: str
+    split: str
+    corpus_path: Path
+    queries: dict[str, str]  # the evaluated queries, id -> text, in qrels order
+    qrels: Qrels  # judgements of those queries only
+    keep_docs: set[str] | None  # None: the full corpus
+    doc_ids: list[str]  # ids of the encoded documents, in corpus order (position = stream index)
+    corpus_size: int  # documents in the corpus file
+    report: ReadReport = field(default_factory=ReadReport)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_ids)
+
+    @property
+    def capped(self) -> bool:
+        return self.keep_docs is not None
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "num_queries": len(self.queries),
+            "num_docs": self.num_docs,
+            "corpus_size": self.corpus_size,
+            "num_qrels": sum(len(v) for v in self.qrels.values()),
+        }
+        out.update({f"skipped {reason}": n for reason, n in self.report.skipped.items()})
+        return out
+
+
+def collate_records(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Lists of strings/ints by key: the model tokenises, so no tensor work is done here."""
+    return {key: [r[key] for r in rows] for key in rows[0]}
+
+
+class CorpusStream(IterableDataset):
+    """Streams a task's documents from disk, sorted by length inside windows of ``sort_window``.
+
+    Window sorting keeps batches of similar length (little padding) without reading the whole corpus
+    first. Under DDP and/or several workers each shard takes every n-th document, so every document
+    is read by exactly one process; ``index`` (position among encoded documents) lets the ranks'
+    results be merged again.
+    """
+
+    def __init__(self, task: RetrievalTask, sort_window: int = 1024) -> None:
+        self.task = task
+        self.sort_window = sort_window
+
+    def _shard(self) -> tuple[int, int]:
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return rank * workers + worker, world * workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        shard, shards = self._shard()
+        keep = self.task.keep_docs
+        buffer: list[dict[str, Any]] = []
+        index = 0
+        for _, doc_id, text in iter_corpus(self.task.corpus_path):
+            if keep is not None and doc_id not in keep:
+                continue
+            if index % shards == shard:
+                buffer.append({"task": self.task.name, "kind": "document", "index": index, "id": doc_id, "text": text})
+            index += 1
+            if len(buffer) >= self.sort_window:
+                yield from sorted(buffer, key=lambda r: -len(r["text"]))
+                buffer = []
+        yield from sorted(buffer, key=lambda r: -len(r["text"]))
+
+
+class QueryList(Dataset):
+    def __init__(self, task: RetrievalTask) -> None:
+        self.rows = [
+            {"task": task.name, "kind": "query", "index": i, "id": qid, "text": text}
+            for i, (qid, text) in enumerate(task.queries.items())
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+class BEIRDataModule(L.LightningDataModule):
+    """BEIR folders under ``data_root``, evaluated one after the other in a single test run.
+
+    Args:
+        data_root: folder holding the datasets (a path relative to the working directory).
+        datasets: dataset folders relative to ``data_root`` (``beir/scifact``); each needs
+            ``corpus.jsonl[.gz]``, ``queries.jsonl[.gz]`` and ``qrels/<split>.tsv``.
+        split: which qrels file to evaluate.
+        max_queries: evaluate only the first N judged queries (quick runs).
+        max_corpus_docs: encode at most N documents, the judged ones always included (see module doc).
+        batch_size: texts per batch (the encoder may split further).
+        sort_window: documents read ahead and sorted by length before batching.
+        on_bad_row: ``"error"`` or ``"skip"`` (counted, logged) for an empty query, a judgement naming
+            an unknown query or document, or a duplicate judgement.
+        num_workers: DataLoader workers for reading the corpus.
+    """
+
+    def __init__(
+        self,
+        data_root: str = "../shared/data",
+        datasets: list[str] | None = None,
+        split: str = "test",
+        max_queries: int | None = None,
+        max_corpus_docs: int | None = None,
+        batch_size: int = 32,
+        sort_window: int = 1024,
+        on_bad_row: OnBadRow = "error",
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data_root = Path(data_root)
+        self.dataset_paths = list(datasets) if datasets else ["beir/scifact"]
+        self.split = split
+        self.max_queries = max_queries
+        self.max_corpus_docs = max_corpus_docs
+        self.batch_size = batch_size
+        self.sort_window = sort_window
+        self.on_bad_row = on_bad_row
+        self.num_workers = num_workers
+        self.tasks: list[RetrievalTask] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tasks:
+            return
+        if not self.data_root.is_dir():
+            raise DataFormatError(
+                f"data root {self.data_root} (resolved: {self.data_root.resolve()}) does not exist; "
+                "pass --data.init_args.data_root with the folder holding the BEIR datasets"
+            )
+        self.tasks = [self.load_task(self.data_root / rel) for rel in self.dataset_paths]
+        for task in self.tasks:
+            log.info("%s/%s: %s", task.name, task.split, task.describe())
+
+    def load_task(self, folder: Path) -> RetrievalTask:
+        report = ReadReport()
+        qrels_path = find_file(folder / "qrels", f"{self.split}.tsv")
+        qrels, qrel_lines = read_qrels(qrels_path, report, self.on_bad_row)
+        queries_path = find_file(folder, "queries.jsonl")
+        queries, empty = read_queries(queries_path, set(qrels), report, self.on_bad_row)
+        for qid in list(qrels):
+            if qid not in queries:
+                first = min(line for (q, _), line in qrel_lines.items() if q == qid)
+                if qid not in empty:
+                    report.skip(f"judgement names a query missing from {queries_path.name}",
+                                f"{qrels_path}:{first}", f"query {qid!r}", self.on_bad_row)
+                del qrels[qid]
+        kept_ids = list(qrels)[: self.max_queries] if self.max_queries else list(qrels)
+        qrels = {qid: qrels[qid] for qid in kept_ids}
+        queries = {qid: queries[qid] for qid in kept_ids}
+        if not queries:
+            raise DataFormatError(f"{qrels_path}: no evaluable query left (split {self.split!r})")
+
+        corpus_path = find_file(folder, "corpus.jsonl")
+        judged = {did for judgements in qrels.values() for did in judgements}
+        budget = None if self.max_corpus_docs is None else max(self.max_corpus_docs - len(judged), 0)
+        seen: dict[str, int] = {}  # insertion order = corpus order
+        keep: set[str] = set()
+        for lineno, doc_id, _ in iter_corpus(corpus_path):
+            if doc_id in seen:
+                raise DataFormatError(f"{corpus_path}:{lineno}: duplicate document id {doc_id!r} (first at line {seen[doc_id]})")
+            seen[doc_id] = lineno
+            if budget is not None and (doc_id in judged or len(keep - judged) < budget):
+                keep.add(doc_id)
+        for qid, judgements in qrels.items():
+            for did in list(judgements):
+                if did not in seen:
+                    report.skip(f"judgement names a document missing from {corpus_path.name}",
+                                f"{qrels_path}:{qrel_lines[(qid, did)]}", f"document {did!r}", self.on_bad_row)
+                    del judgements[did]
+        keep_docs = keep if budget is not None and len(keep) < len(seen) else None
+        doc_ids = [d for d in seen if keep_docs is None or d in keep_docs]
+        return RetrievalTask(
+            name=folder.name,
+            split=self.split,
+            corpus_path=corpus_path,
+            queries=queries,
+            qrels=qrels,
+            keep_docs=keep_docs,
+            doc_ids=doc_ids,
+            corpus_size=len(seen),
+            report=report,
+        )
+
+    def _loaders(self) -> list[DataLoader]:
+        loaders = []
+        for task in self.tasks:
+            # Documents first: the module searches once a task's corpus and queries are both encoded.
+            loaders.append(DataLoader(CorpusStream(task, self.sort_window), batch_size=self.batch_size,
+                                      num_workers=self.num_workers, collate_fn=collate_records))
+            loaders.append(DataLoader(QueryList(task), batch_size=self.batch_size, shuffle=False,
+                                      collate_fn=collate_records))
+        return loaders
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._loaders()
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._loaders()
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self._loaders()

@@ -1,0 +1,1 @@
+"""Evaluation: exact search, ir-measures metrics, run files and the results record."""

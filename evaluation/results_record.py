@@ -1,0 +1,78 @@
+"""``docs/results.json``: every retrieval number the project claims, with the command that made it.
+
+Rows are written only when a run asks for it (``record_results``), never by default, and
+``docs/results.md`` is regenerated from the JSON each time so the two cannot disagree.
+A row is replaced when a run with the same retriever, mode, checkpoint, dataset, split and size
+(queries, documents) is recorded again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+REQUIRED_KEYS = (
+    "retriever", "mode", "checkpoint", "dataset", "split", "nDCG@10", "R@100", "RR@10", "command", "wall_time_s",
+)
+_IDENTITY = ("retriever", "mode", "checkpoint", "dataset", "split", "num_queries", "num_docs")
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of result rows")
+    return rows
+
+
+def record_rows(new_rows: Iterable[dict[str, Any]], path: str | Path = "docs/results.json") -> Path:
+    """Upsert ``new_rows`` into the JSON file and re-render the markdown next to it."""
+    path = Path(path)
+    rows = load_rows(path)
+    for row in new_rows:
+        missing = [k for k in REQUIRED_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"result row lacks {missing}: {row}")
+        key = tuple(row.get(k) for k in _IDENTITY)
+        rows = [r for r in rows if tuple(r.get(k) for k in _IDENTITY) != key] + [row]
+    rows.sort(key=lambda r: (r["dataset"], r["split"], r["retriever"], str(r["mode"]), str(r["checkpoint"])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.with_suffix(".md").write_text(render_markdown(rows, source=path.name), encoding="utf-8")
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") -> str:
+    lines = [
+        "# Measured retrieval results",
+        "",
+        f"Generated from `{source}`; do not edit by hand. Each row names the command that produced it.",
+        "A row whose `docs` is smaller than the corpus was run on a capped corpus (fewer distractors,",
+        "so its scores are higher than a full-corpus run would give).",
+        "",
+        "| dataset | split | retriever | mode | checkpoint | nDCG@10 | R@100 | RR@10 | queries | docs | wall time (s) | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        docs = _fmt(r.get("num_docs"))
+        if r.get("corpus_size") and r.get("num_docs") != r.get("corpus_size"):
+            docs += f" of {r['corpus_size']}"
+        cells = [
+            r["dataset"], r["split"], r["retriever"], _fmt(r["mode"]), _fmt(r["checkpoint"]),
+            _fmt(r["nDCG@10"]), _fmt(r["R@100"]), _fmt(r["RR@10"]), _fmt(r.get("num_queries")), docs,
+            f"{r['wall_time_s']:.0f}", f"`{r['command']}`",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

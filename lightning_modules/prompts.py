@@ -1,0 +1,62 @@
+"""Prompt templates: the one place where the chat prompts of search-r3 are defined.
+
+Every stage (evaluation, SFT, RL) builds its token sequences through :class:`PromptTemplates`, so a
+number measured with one prompt can never silently be compared with a model trained on another.
+The strings follow the paper as far as it is known (``../shared/notes/paper.md`` §2.2, §10 items 1-3);
+the document prompt and the reasoning instruction are our choices, since the paper does not quote them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+EMBED_TOKEN = "<|embed_token|>"
+
+Side = Literal["query", "document"]
+
+
+@dataclass(frozen=True)
+class PromptTemplates:
+    """Chat-prompt strings, rendered with the tokenizer's own chat template (ChatML for SmolLM2).
+
+    Args:
+        query_system: system turn for queries (the paper's wording).
+        document_system: system turn for passages; same shape as the query prompt (our choice).
+        embed_response: the assistant turn in direct mode. Everything after the embed token is never
+            fed to the model: with causal attention it cannot change the hidden state we read.
+        reasoning_system: system turn in reasoning mode. It names the response format so that an
+            instruction-tuned model has a chance to emit the token before any training.
+        reasoning_close: appended after the generated analysis when the model stops (end of turn or
+            the token cap) without emitting the embed token; the sample is then flagged.
+    """
+
+    query_system: str = "Please represent user queries."
+    document_system: str = "Please represent documents."
+    embed_response: str = f"The embedding is {EMBED_TOKEN}."
+    reasoning_system: str = (
+        "Please represent user queries. First briefly analyse what the query is looking for, "
+        f"then finish with: The embedding is {EMBED_TOKEN}."
+    )
+    reasoning_close: str = f" The embedding is {EMBED_TOKEN}"
+
+    def __post_init__(self) -> None:
+        for name in ("embed_response", "reasoning_close"):
+            if EMBED_TOKEN not in getattr(self, name):
+                raise ValueError(f"PromptTemplates.{name} must contain {EMBED_TOKEN!r}: {getattr(self, name)!r}")
+
+    def system(self, side: Side) -> str:
+        return self.query_system if side == "query" else self.document_system
+
+    @property
+    def embed_prefix(self) -> str:
+        """The direct-mode assistant turn up to and including the embed token."""
+        head, _, _ = self.embed_response.partition(EMBED_TOKEN)
+        return head + EMBED_TOKEN
+
+    def fingerprint(self) -> str:
+        """Short stable hash: goes into cache keys and run parameters."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]

@@ -1,0 +1,84 @@
+"""``search-r3``: the LightningCLI entry point (``fit`` / ``validate`` / ``test`` / ``predict``).
+
+Model and data are chosen in YAML by ``class_path`` (subclass mode), so the evaluation module, the
+SFT module and the RL module all run through the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+# Hubs are unreachable: fail fast instead of retrying downloads. Set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, list | tuple):
+        out[prefix] = ",".join(map(str, value))[:500]
+    else:
+        out[prefix] = value
+
+
+class MLflowSaveConfig(SaveConfigCallback):
+    """Saves the resolved config into every MLflow run (as ``config_<stage>.yaml`` and as params).
+
+    Lightning's default callback writes to ``trainer.log_dir``, which an MLFlowLogger with a SQLite
+    or HTTP tracking URI does not have (it asserts). Other loggers keep the default behaviour.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.log_dir is not None and not any(isinstance(lg, MLFlowLogger) for lg in trainer.loggers):
+            super().setup(trainer, pl_module, stage)
+            return
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = True
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        flat: dict[str, Any] = {}
+        _flatten("", json.loads(self.parser.dump(self.config, skip_none=False, format="json")), flat)
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_text(logger.run_id, text, f"config_{getattr(stage, 'value', stage)}.yaml")
+                logger.log_hyperparams({k: v for k, v in flat.items() if v is not None})
+
+
+class SearchR3CLI(LightningCLI):
+    """LightningCLI with the MLflow-aware config saving; everything else is plain LightningCLI."""
+
+
+def run_cli(args: list[str] | None = None) -> SearchR3CLI:
+    """Build and run the CLI; returns it so tests can inspect the trainer and model."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return SearchR3CLI(
+        model_class=L.LightningModule,
+        datamodule_class=L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=MLflowSaveConfig,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main() -> None:
+    """Console-script entry: returns nothing, so the exit status is 0 on success."""
+    run_cli(None)  # LightningCLI reads sys.argv itself
+
+
+if __name__ == "__main__":
+    main()

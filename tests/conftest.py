@@ -1,0 +1,115 @@
+"""Shared fixtures: the real data folder, a small real BEIR subset, a tiny random LM, the real SmolLM2."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = REPO.parent / "shared" / "data"
+    if not (root / "beir" / "scifact").is_dir():
+        pytest.fail(f"real data not found at {root}: the tests need ../shared/data beside the repository")
+    return root
+
+
+@pytest.fixture(scope="session")
+def scifact_dir(data_root: Path) -> Path:
+    return data_root / "beir" / "scifact"
+
+
+def write_jsonl_gz(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@pytest.fixture(scope="session")
+def mini_scifact(tmp_path_factory: pytest.TempPathFactory, scifact_dir: Path) -> Path:
+    """A real SciFact subset: 8 test queries, their judged documents and 40 other documents."""
+    from datamodules.beir_files import ReadReport, find_file, iter_jsonl, read_qrels
+
+    out = tmp_path_factory.mktemp("mini") / "scifact"
+    qrels, _ = read_qrels(scifact_dir / "qrels" / "test.tsv", ReadReport(), "error")
+    qids = list(qrels)[:8]
+    judged = {d for q in qids for d in qrels[q]}
+    docs, others = [], 0
+    for _, obj in iter_jsonl(find_file(scifact_dir, "corpus.jsonl")):
+        if obj["_id"] in judged or others < 40:
+            others += obj["_id"] not in judged
+            docs.append(obj)
+    write_jsonl_gz(out / "corpus.jsonl.gz", docs)
+    queries = [obj for _, obj in iter_jsonl(find_file(scifact_dir, "queries.jsonl")) if obj["_id"] in qids]
+    write_jsonl_gz(out / "queries.jsonl.gz", queries)
+    (out / "qrels").mkdir()
+    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{r}" for q in qids for d, r in qrels[q].items()]
+    (out / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama with a byte-level BPE tokenizer trained here: fast, offline, real code paths."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny_lm")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        "Please represent user queries and documents. The embedding is here.",
+        "Vitamin D deficiency is associated with many diseases in elderly patients.",
+        "First briefly analyse what the query is looking for, then finish.",
+        "Who wrote Hamlet? William Shakespeare wrote the tragedy around 1600.",
+    ] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def tiny_lm(tiny_lm_dir: Path, tmp_path: Path):
+    from lightning_modules.embedding_lm import EmbeddingLM
+
+    return EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", max_document_tokens=64, max_query_tokens=32,
+                       max_reasoning_tokens=8, batch_size=4, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model, loaded once for all marked tests (bf16, as the default config runs it)."""
+    from lightning_modules.embedding_lm import EmbeddingLM
+
+    return EmbeddingLM(cache_dir=str(REPO / ".cache" / "search_r3" / "models"), show_progress=False,
+                       max_reasoning_tokens=32)

@@ -1,0 +1,55 @@
+"""`search-r3 test --config cli.yaml` end to end (capped SciFact), checked through the MLflow client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.model]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cli_test_prints_the_numbers_logged_to_mlflow(tmp_path: Path, data_root: Path) -> None:
+    from mlflow import MlflowClient
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    results = tmp_path / "results.json"
+    cmd = [
+        str(Path(os.sys.executable).parent / "search-r3"), "test", "--config", "cli.yaml",
+        "--data.init_args.data_root", str(data_root),
+        "--data.init_args.max_queries", "12", "--data.init_args.max_corpus_docs", "60",
+        "--trainer.logger.init_args.tracking_uri", db,
+        "--trainer.logger.init_args.artifact_location", str(tmp_path / "artifacts"),
+        "--trainer.logger.init_args.run_name", "e2e",
+        "--trainer.enable_progress_bar", "false",
+        "--model.init_args.output_dir", str(tmp_path / "runs"),
+        "--model.init_args.record_results", "true",
+        "--model.init_args.results_file", str(results),
+    ]
+    # An empty network namespace proves the whole command needs no network (root only).
+    if shutil.which("unshare") and os.geteuid() == 0:
+        cmd = ["unshare", "-n", *cmd]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=db)
+    runs = client.search_runs([client.get_experiment_by_name("search-r3").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    ndcg = run.data.metrics["test/scifact/nDCG_at_10"]
+    assert 0.0 < ndcg <= 1.0
+    assert f"{ndcg:.4f}" in proc.stdout  # the printed table shows the logged number
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config_test.yaml", "metrics.json", "run.scifact.test.trec"} <= artifacts
+    assert run.data.params["data/scifact/num_docs"] == "60"
+
+    rows = json.loads(results.read_text())
+    assert len(rows) == 1 and rows[0]["retriever"] == "smollm2-untrained" and rows[0]["mode"] == "direct"
+    assert rows[0]["nDCG@10"] == round(ndcg, 4) and rows[0]["R@100"] == round(run.data.metrics["test/scifact/R_at_100"], 4)
+    assert rows[0]["command"].startswith("search-r3 test --config cli.yaml")
+    assert results.with_suffix(".md").is_file()

@@ -1,0 +1,116 @@
+"""Metrics, exact search, run files, the results record and the DDP merge of embeddings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation.dense_eval import gather_rows, ordered
+from evaluation.metrics import build_run, evaluate_run, per_query
+from evaluation.results_record import record_rows
+from evaluation.run_files import write_trec_run
+from evaluation.search import exact_topk
+
+# Graded qrels and a run whose trec_eval values are known (linear gain, trec_eval 9.0.7).
+QRELS = {"q1": {"d1": 2, "d2": 1, "d5": 0}, "q2": {"d3": 1, "d9": 1}}
+RUN = {"q1": {"d2": 3.0, "d1": 2.0, "d7": 1.0}, "q2": {"d4": 5.0, "d3": 4.0}}
+
+
+def test_ndcg_matches_trec_eval_on_graded_case() -> None:
+    # q1: DCG = 1/log2(2) + 2/log2(3); IDCG = 2 + 1/log2(3). q2: DCG = 1/log2(3); IDCG = 1 + 1/log2(3).
+    q1 = (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3))
+    q2 = (1 / math.log2(3)) / (1 + 1 / math.log2(3))
+    assert round(q1, 4) == 0.8597 and round(q2, 4) == 0.3869
+    pq = per_query(QRELS, RUN)
+    assert pq["q1"]["nDCG@10"] == pytest.approx(q1, abs=1e-6)
+    assert pq["q2"]["nDCG@10"] == pytest.approx(q2, abs=1e-6)
+    agg = evaluate_run(QRELS, RUN)
+    assert agg["nDCG@10"] == pytest.approx((q1 + q2) / 2, abs=1e-6)
+    assert agg["R@100"] == pytest.approx(0.75) and agg["RR@10"] == pytest.approx(0.75)
+
+
+def test_a_judged_query_without_ranking_is_an_error() -> None:
+    with pytest.raises(ValueError, match="1 judged queries have no ranking"):
+        evaluate_run(QRELS, {"q1": RUN["q1"]})
+
+
+def test_build_run_drops_identical_ids_like_beir() -> None:
+    run = build_run(["a"], ["a", "b"], torch.tensor([[0.9, 0.5]]), torch.tensor([[0, 1]]))
+    assert run == {"a": {"b": 0.5}}
+    run = build_run(["a"], ["a", "b"], torch.tensor([[0.9, 0.5]]), torch.tensor([[0, 1]]), ignore_identical_ids=False)
+    assert run == {"a": {"a": pytest.approx(0.9), "b": 0.5}}
+
+
+def test_exact_topk_equals_brute_force_across_chunks() -> None:
+    g = torch.Generator().manual_seed(0)
+    docs = torch.nn.functional.normalize(torch.randn(1000, 32, generator=g), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(37, 32, generator=g), dim=-1)
+    scores, idx = exact_topk(queries, docs, k=10, query_chunk=8, doc_chunk=97)
+    ref_s, ref_i = (queries @ docs.T).topk(10, dim=1)
+    torch.testing.assert_close(scores, ref_s)
+    assert torch.equal(idx, ref_i)
+    s, i = exact_topk(queries, docs[:5], k=10)  # k larger than the corpus
+    assert s.shape == (37, 5)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        exact_topk(queries, docs[:, :16], k=3)
+
+
+def test_trec_run_file_format(tmp_path: Path) -> None:
+    path = write_trec_run(RUN, tmp_path / "run.trec", tag="t")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "q1 Q0 d2 1 3.000000 t" and lines[1].startswith("q1 Q0 d1 2 ")
+    import ir_measures
+
+    reread = list(ir_measures.read_trec_run(str(path)))
+    assert len(reread) == 5
+
+
+def _row(**kw) -> dict:
+    row = {"retriever": "bm25", "mode": None, "checkpoint": None, "dataset": "scifact", "split": "test",
+           "nDCG@10": 0.5, "R@100": 0.9, "RR@10": 0.4, "command": "search-r3 test", "wall_time_s": 1.0,
+           "num_queries": 300, "num_docs": 5183, "corpus_size": 5183}
+    row.update(kw)
+    return row
+
+
+def test_results_record_upserts_and_renders(tmp_path: Path) -> None:
+    path = tmp_path / "docs" / "results.json"
+    record_rows([_row(), _row(retriever="minilm")], path)
+    record_rows([_row(**{"nDCG@10": 0.6})], path)  # same identity: replaced, not duplicated
+    rows = json.loads(path.read_text())
+    assert len(rows) == 2 and {r["retriever"]: r["nDCG@10"] for r in rows} == {"bm25": 0.6, "minilm": 0.5}
+    md = path.with_suffix(".md").read_text()
+    assert "| scifact | test | bm25 | – | – | 0.6000 |" in md and "`search-r3 test`" in md
+    with pytest.raises(ValueError, match="lacks"):
+        record_rows([{"retriever": "x"}], path)
+
+
+def test_gather_rows_merges_ranks_and_drops_padding_duplicates() -> None:
+    # Two simulated ranks with unequal row counts; rank 1 repeats index 0 as a sampler would.
+    ranks = [(torch.tensor([0, 2, 4]), torch.tensor([[0.0], [2.0], [4.0]])), (torch.tensor([1, 3]), torch.tensor([[1.0], [3.0]]))]
+    ranks[1] = (torch.cat([ranks[1][0], torch.tensor([0])]), torch.cat([ranks[1][1], torch.tensor([[0.0]])]))
+    calls = {"n": 0}
+
+    def fake_all_gather(t: torch.Tensor) -> torch.Tensor:
+        # Called in the same order on every rank: count, indices, embeddings.
+        call = calls["n"]
+        calls["n"] += 1
+        if call == 0:
+            return torch.stack([torch.tensor([len(r[0])]) for r in ranks])
+        width = max(len(r[0]) for r in ranks)
+        rows = []
+        for idx, emb in ranks:
+            pad = width - len(idx)
+            rows.append(torch.cat([idx, torch.full((pad,), -1)]) if call == 1
+                        else torch.cat([emb, emb.new_zeros((pad, 1))]))
+        return torch.stack(rows)
+
+    idx, emb = gather_rows(*ranks[0], fake_all_gather)
+    merged = ordered(idx, emb, expected=5, what="docs")
+    assert merged.flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(RuntimeError, match="expected 6"):
+        ordered(idx, emb, expected=6, what="docs")
