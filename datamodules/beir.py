@@ -28,6 +28,7 @@ from datamodules.beir_files import (
     Qrels,
     ReadReport,
     find_file,
+    find_queries_file,
     iter_corpus,
     read_qrels,
     read_queries,
@@ -183,7 +184,7 @@ class BEIRDataModule(L.LightningDataModule):
         report = ReadReport()
         qrels_path = find_file(folder / "qrels", f"{self.split}.tsv")
         qrels, qrel_lines = read_qrels(qrels_path, report, self.on_bad_row)
-        queries_path = find_file(folder, "queries.jsonl")
+        queries_path = find_queries_file(folder, self.split)
         queries, empty = read_queries(queries_path, set(qrels), report, self.on_bad_row)
         for qid in list(qrels):
             if qid not in queries:
@@ -247,3 +248,38 @@ class BEIRDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self._loaders()
+
+
+class BEIRSuiteDataModule(BEIRDataModule):
+    """Every BEIR folder under ``search_dirs`` that has a corpus and ``qrels/<split>.tsv``.
+
+    The suite grows by itself: adding ``corpus.jsonl.gz`` to, say, ``beir_queries_qrels_only/fiqa``
+    adds FiQA to the next run. Folders without a corpus are listed in the log, not silently dropped.
+    """
+
+    def __init__(self, data_root: str = "../shared/data", search_dirs: list[str] | None = None,
+                 exclude: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(data_root=data_root, **kwargs)
+        self.search_dirs = list(search_dirs) if search_dirs else ["beir", "beir_queries_qrels_only"]
+        self.exclude = set(exclude or [])
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.tasks:
+            self.dataset_paths = self.discover()
+            if not self.dataset_paths:
+                raise DataFormatError(f"no BEIR folder with a corpus under {self.data_root} / {self.search_dirs}")
+        super().setup(stage)
+
+    def discover(self) -> list[str]:
+        found: dict[str, str] = {}
+        for sub in self.search_dirs:
+            for folder in sorted((self.data_root / sub).glob("*")):
+                if not folder.is_dir() or folder.name in self.exclude or folder.name in found:
+                    continue
+                has_corpus = any((folder / n).is_file() for n in ("corpus.jsonl", "corpus.jsonl.gz"))
+                has_qrels = any((folder / "qrels" / n).is_file() for n in (f"{self.split}.tsv", f"{self.split}.tsv.gz"))
+                if has_corpus and has_qrels:
+                    found[folder.name] = f"{sub}/{folder.name}"
+                elif has_qrels:
+                    log.info("suite: %s/%s has %s qrels but no corpus yet; skipped", sub, folder.name, self.split)
+        return list(found.values())

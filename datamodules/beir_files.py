@@ -50,6 +50,14 @@ def find_file(folder: Path, stem: str) -> Path:
     raise DataFormatError(f"{folder / stem}: no such file (nor {stem}.gz); {hint}")
 
 
+def find_queries_file(folder: Path, split: str) -> Path:
+    """``queries.jsonl`` (all splits, BEIR's layout) or ``queries.<split>.jsonl`` (one split only)."""
+    try:
+        return find_file(folder, "queries.jsonl")
+    except DataFormatError:
+        return find_file(folder, f"queries.{split}.jsonl")
+
+
 def open_text(path: Path) -> TextIO:
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")

@@ -18,27 +18,16 @@ from evaluation.search import exact_topk
 
 
 @dataclass
-class TaskResult:
-    task: str
-    split: str
-    metrics: dict[str, float]
-    run: dict[str, dict[str, float]]
-    num_queries: int
-    num_docs: int
-    corpus_size: int
-
-
-@dataclass
 class EmbeddingStore:
-    """Per task and kind (``document``/``query``): lists of index and embedding chunks."""
+    """Index and embedding chunks under a caller-chosen key (e.g. retriever, task, kind, mode)."""
 
-    rows: dict[tuple[str, str], list[tuple[Tensor, Tensor]]] = field(default_factory=lambda: defaultdict(list))
+    rows: dict[tuple, list[tuple[Tensor, Tensor]]] = field(default_factory=lambda: defaultdict(list))
 
-    def add(self, task: str, kind: str, indices: list[int], embeddings: Tensor) -> None:
-        self.rows[(task, kind)].append((torch.as_tensor(indices, dtype=torch.long), embeddings.detach().float().cpu()))
+    def add(self, key: tuple, indices: list[int], embeddings: Tensor) -> None:
+        self.rows[key].append((torch.as_tensor(indices, dtype=torch.long), embeddings.detach().float().cpu()))
 
-    def stacked(self, task: str, kind: str) -> tuple[Tensor, Tensor]:
-        chunks = self.rows.get((task, kind), [])
+    def stacked(self, key: tuple) -> tuple[Tensor, Tensor]:
+        chunks = self.rows.get(key, [])
         if not chunks:
             return torch.empty(0, dtype=torch.long), torch.empty(0, 0)
         return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
@@ -79,16 +68,18 @@ def _unique_first(indices: Tensor) -> tuple[Tensor, Tensor]:
     return sorted_idx[is_first], order[is_first]
 
 
+Run = dict[str, dict[str, float]]
+
+
 def score_task(
-    task: RetrievalTask,
-    doc_embeddings: Tensor,
-    query_embeddings: Tensor,
-    top_k: int,
-    measures: list[str],
-) -> TaskResult:
+    task: RetrievalTask, doc_embeddings: Tensor, query_embeddings: Tensor, top_k: int, measures: list[str]
+) -> tuple[dict[str, float], Run]:
     """Exact search of every query against the task's corpus, scored with ir-measures."""
     scores, idx = exact_topk(query_embeddings, doc_embeddings, k=top_k + 1)  # +1: room for an identical id
     run = build_run(list(task.queries), task.doc_ids, scores, idx)
     run = {q: dict(list(docs.items())[:top_k]) for q, docs in run.items()}
-    metrics = evaluate_run(task.qrels, run, measures)
-    return TaskResult(task.name, task.split, metrics, run, len(task.queries), task.num_docs, task.corpus_size)
+    return score_run(task, run, measures), run
+
+
+def score_run(task: RetrievalTask, run: Run, measures: list[str]) -> dict[str, float]:
+    return evaluate_run(task.qrels, run, measures)

@@ -11,6 +11,7 @@ cost more than the rest of the readout.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -173,8 +174,11 @@ class EmbeddingLM(nn.Module):
             self.train(was_training)
 
     def fingerprint(self) -> str:
-        """Identifies what determines the embeddings: base model, adapter, prompts, truncation."""
-        parts = [self.base_model_name, str(self.adapter_path), self.prompts.fingerprint(), str(self.max_tokens)]
+        """Identifies what determines the embeddings: base model, adapter *content*, prompts,
+        truncation and dtype. Keys the document-embedding cache, so a retrained adapter saved at the
+        same path is never served stale vectors."""
+        parts = [self.base_model_name, _folder_digest(self.adapter_path), self.prompts.fingerprint(),
+                 str(self.max_tokens), str(self.lm.dtype)]
         return "|".join(parts)
 
     # ------------------------------------------------------------------ tokenisation
@@ -395,6 +399,17 @@ def _add_embed_token_row(lm: nn.Module, token_id: int) -> None:
         out = lm.get_output_embeddings()
         if out is not None and out.weight.data_ptr() != weight.data_ptr():
             out.weight[token_id] = out.weight[:old].float().mean(0).to(out.weight.dtype)
+
+
+def _folder_digest(folder: str | None) -> str:
+    if folder is None:
+        return "no-adapter"
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _read_meta(adapter: str) -> dict:

@@ -1,14 +1,17 @@
-"""``RetrievalEvalModule``: ``search-r3 test`` for a dense encoder on every task of the DataModule.
+"""``RetrievalEvalModule``: ``search-r3 test`` for any list of retrievers on every task of the DataModule.
 
-The test loop streams each task's documents, then its queries (see ``BEIRDataModule``); this module
-encodes them, and at the end of the epoch searches, scores with ir-measures, logs
-``test/<task>/<measure>`` to every logger, writes TREC run files and a markdown table as artifacts,
-prints a short table and, only when asked (``record_results``), records the rows in
-``docs/results.json``.
+The test loop streams each task's documents, then its queries (see ``BEIRDataModule``). Dense
+retrievers encode them here (document embeddings are cached on disk, keyed by the retriever's
+fingerprint and the corpus content); lexical ones (BM25) index the corpus file themselves. At the end
+of the epoch every (retriever, mode, task) is searched and scored with ir-measures, logged as
+``test/<task>/<retriever>[.<mode>]/<measure>``, and reported: TREC run files, ``metrics.json``, a
+markdown table and a bar chart as artifacts, a table on the console and, only when asked
+(``record_results``), rows in ``docs/results.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shlex
@@ -19,165 +22,186 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import MLFlowLogger
-from rich.console import Console
-from rich.table import Table
+from torch import nn
 
-from evaluation.dense_eval import EmbeddingStore, TaskResult, gather_rows, ordered, score_task
+from datamodules.beir import RetrievalTask
+from evaluation.dense_eval import EmbeddingStore, gather_rows, ordered, score_run, score_task
 from evaluation.metrics import DEFAULT_MEASURES
+from evaluation.report import ResultRow, print_table, write_bar_chart, write_markdown_tables
 from evaluation.results_record import record_rows
+from evaluation.retrievers import DenseRetriever, Retriever, corpus_digest
 from evaluation.run_files import write_trec_run
-from lightning_modules.embedding_lm import EmbeddingLM, Mode
 
 log = logging.getLogger(__name__)
 
 
-def metric_key(stage: str, task: str, measure: str) -> str:
-    """``test/scifact/nDCG_at_10``: MLflow rejects '@' in metric names."""
-    return f"{stage}/{task}/{measure.replace('@', '_at_')}"
+def metric_key(stage: str, task: str, system: str, measure: str) -> str:
+    """``test/scifact/bm25/nDCG_at_10``: MLflow rejects '@' in metric names."""
+    return f"{stage}/{task}/{system}/{measure.replace('@', '_at_')}"
 
 
 class RetrievalEvalModule(L.LightningModule):
-    """Evaluate ``encoder`` (queries in ``mode``, documents always direct) on the DataModule's tasks.
+    """Evaluate ``retrievers`` side by side on the DataModule's tasks.
 
     Args:
-        encoder: the :class:`EmbeddingLM` to evaluate.
-        mode: ``direct`` (one forward pass per query) or ``reasoning`` (generate, then embed).
-        retriever_name: the row label in results tables (``smollm2-untrained``, ``smollm2-sft`` ...).
+        retrievers: the systems to compare (``EmbeddingLMRetriever``, ``SentenceTransformerRetriever``,
+            ``BM25Retriever`` ...); each gives one row per query mode.
         top_k: depth of the ranking kept per query (100 covers R@100).
         measures: ir-measures names.
-        record_results: append the rows to ``results_file`` (and re-render its markdown).
+        record_results: upsert the rows in ``results_file`` (and re-render its markdown).
         results_file: where recorded rows go.
-        output_dir: local copy of run files and tables (also logged to MLflow as artifacts).
+        output_dir: local copy of run files, tables and plots (also logged to MLflow as artifacts).
+        embedding_cache_dir: cached document embeddings of dense retrievers; ``null`` disables it.
     """
 
     def __init__(
         self,
-        encoder: EmbeddingLM,
-        mode: Mode = "direct",
-        retriever_name: str = "smollm2-untrained",
+        retrievers: list[Retriever],
         top_k: int = 100,
         measures: list[str] | None = None,
         record_results: bool = False,
         results_file: str = "docs/results.json",
         output_dir: str = "runs/eval",
+        embedding_cache_dir: str | None = ".cache/search_r3/doc_embeddings",
     ) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.mode = mode
-        self.retriever_name = retriever_name
+        if not retrievers:
+            raise ValueError("RetrievalEvalModule needs at least one retriever")
+        names = [r.name for r in retrievers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"retriever names must be unique, got {names}")
+        self.retrievers = nn.ModuleList(retrievers)
         self.top_k = top_k
         self.measures = list(measures) if measures else list(DEFAULT_MEASURES)
         self.record_results = record_results
         self.results_file = results_file
         self.output_dir = output_dir
+        self.embedding_cache_dir = Path(embedding_cache_dir) if embedding_cache_dir else None
         self.store = EmbeddingStore()
-        self.results: list[TaskResult] = []
-        self._seconds: dict[str, float] = defaultdict(float)
-        self._mark = 0.0
+        self.rows: list[ResultRow] = []
+        self._seconds: dict[tuple, float] = defaultdict(float)
+        self._cached: dict[tuple[int, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ loop
     def on_test_epoch_start(self) -> None:
         self.store.clear()
-        self.results = []
+        self.rows = []
         self._seconds.clear()
-        self.encoder.missing_embed_token_count = 0
-        self._mark = time.perf_counter()
+        self._cached = {}
+        for i, retriever in enumerate(self.retrievers):
+            if isinstance(retriever, DenseRetriever):
+                for task in self.trainer.datamodule.tasks:
+                    path = self._cache_path(retriever, task)
+                    if path is not None and path.is_file():
+                        self._cached[(i, task.name)] = torch.load(path, weights_only=True)
+                        log.info("%s: reusing cached %s document embeddings (%s)", retriever.name, task.name, path)
 
     def test_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
         task, kind, texts = batch["task"][0], batch["kind"][0], batch["text"]
-        if kind == "document":
-            emb = self.encoder.encode_documents(texts)
-        else:
-            emb = self.encoder.encode_queries(texts, mode=self.mode)
-        self.store.add(task, kind, batch["index"], emb)
-        now = time.perf_counter()
-        self._seconds[task] += now - self._mark  # includes reading this batch from disk
-        self._mark = now
+        for i, retriever in enumerate(self.retrievers):
+            if not isinstance(retriever, DenseRetriever):
+                continue
+            if kind == "document":
+                if (i, task) in self._cached:
+                    continue
+                start = time.perf_counter()
+                self.store.add((i, task, "document"), batch["index"], retriever.encode_documents(texts))
+                self._seconds[(i, task)] += time.perf_counter() - start
+            else:
+                for mode in retriever.modes:
+                    start = time.perf_counter()
+                    self.store.add((i, task, "query", mode), batch["index"], retriever.encode_queries(texts, mode))
+                    self._seconds[(i, task, mode)] += time.perf_counter() - start
 
     def on_test_epoch_end(self) -> None:
-        tasks = self.trainer.datamodule.tasks
         metrics: dict[str, float] = {}
-        for task in tasks:
-            start = time.perf_counter()
-            docs = self._collect(task.name, "document", task.num_docs)
-            queries = self._collect(task.name, "query", len(task.queries))
-            result = score_task(task, docs, queries, self.top_k, self.measures)
-            self._seconds[task.name] += time.perf_counter() - start
-            self.results.append(result)
-            metrics.update({metric_key("test", task.name, k): v for k, v in result.metrics.items()})
-            metrics[metric_key("test", task.name, "wall_time_s")] = self._seconds[task.name]
-        if self.mode == "reasoning":
-            total = sum(len(t.queries) for t in tasks)
-            metrics["test/missing_embed_token_rate"] = self.encoder.missing_embed_token_count / max(total, 1)
+        runs: dict[tuple, dict] = {}
+        for task in self.trainer.datamodule.tasks:
+            for i, retriever in enumerate(self.retrievers):
+                docs = None
+                if isinstance(retriever, DenseRetriever):
+                    docs = self._documents(i, retriever, task)
+                for mode in retriever.modes:
+                    start = time.perf_counter()
+                    if docs is not None:
+                        queries = self._collect((i, task.name, "query", mode), len(task.queries), f"{task.name} queries")
+                        metrics_, run = score_task(task, docs, queries, self.top_k, self.measures)
+                    else:
+                        run = retriever.search(task, self.top_k)
+                        metrics_ = score_run(task, run, self.measures)
+                    seconds = time.perf_counter() - start + self._seconds[(i, task.name)] + self._seconds[(i, task.name, mode)]
+                    row = self._row(retriever, mode, task, metrics_, seconds)
+                    self.rows.append(row)
+                    runs[(row.label, task.name)] = run
+                    metrics.update({metric_key("test", task.name, row.label, k): v for k, v in metrics_.items()})
+                    metrics[metric_key("test", task.name, row.label, "wall_time_s")] = seconds
+            for retriever in self.retrievers:
+                counter = getattr(getattr(retriever, "encoder", None), "missing_embed_token_count", 0)
+                if "reasoning" in retriever.modes:
+                    metrics[f"test/{task.name}/{retriever.name}.reasoning/missing_embed_token_rate"] = (
+                        counter / max(len(task.queries), 1))
         if self.trainer.is_global_zero:
             # Straight to the loggers: self.log would print one duplicate column per dataloader.
             for logger in self.trainer.loggers:
                 logger.log_metrics(metrics, step=self.global_step)
-            self._report(tasks)
+            self._report(runs)
 
-    def _collect(self, task: str, kind: str, expected: int):
-        idx, emb = self.store.stacked(task, kind)
+    def _documents(self, i: int, retriever: DenseRetriever, task: RetrievalTask) -> torch.Tensor:
+        if (i, task.name) in self._cached:
+            docs = self._cached[(i, task.name)]
+            if docs.shape[0] != task.num_docs:
+                raise RuntimeError(f"cached {task.name} embeddings have {docs.shape[0]} rows, expected {task.num_docs}")
+            return docs
+        docs = self._collect((i, task.name, "document"), task.num_docs, f"{task.name} documents")
+        path = self._cache_path(retriever, task)
+        if path is not None and self.trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(docs, tmp)
+            tmp.replace(path)
+        return docs
+
+    def _cache_path(self, retriever: Retriever, task: RetrievalTask) -> Path | None:
+        if self.embedding_cache_dir is None:
+            return None
+        key = hashlib.sha256(f"{retriever.fingerprint()}|{corpus_digest(task)}".encode()).hexdigest()[:20]
+        return self.embedding_cache_dir / f"{task.name}-{retriever.name}-{key}.pt"
+
+    def _collect(self, key: tuple, expected: int, what: str) -> torch.Tensor:
+        idx, emb = self.store.stacked(key)
         if self.trainer.world_size > 1:
             idx, emb = gather_rows(idx.to(self.device), emb.to(self.device), self.all_gather)
-        return ordered(idx, emb, expected, f"{task} {kind}s")
+        return ordered(idx, emb, expected, what)
 
     # ------------------------------------------------------------------ outputs
-    def _report(self, tasks) -> None:
+    def _row(self, retriever: Retriever, mode: str | None, task: RetrievalTask, metrics: dict[str, float],
+             seconds: float) -> ResultRow:
+        return ResultRow(
+            retriever=retriever.name, mode=mode, checkpoint=retriever.checkpoint, dataset=task.name,
+            split=task.split, metrics={k: round(v, 4) for k, v in metrics.items()},
+            num_queries=len(task.queries), num_docs=task.num_docs, corpus_size=task.corpus_size,
+            command="search-r3 " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            wall_time_s=round(seconds, 1), device=str(self.device),
+        )
+
+    def _report(self, runs: dict[tuple, dict]) -> None:
         out = Path(self.output_dir) / time.strftime("%Y%m%d-%H%M%S")
-        artifacts = []
-        for result in self.results:
-            artifacts.append(write_trec_run(result.run, out / f"run.{result.task}.{result.split}.trec",
-                                            tag=f"{self.retriever_name}-{self.mode}"))
-        rows = [self._row(r, tasks) for r in self.results]
-        (out / "metrics.json").write_text(json.dumps(rows, indent=2))
-        artifacts.append(out / "metrics.json")
-        self._print_table(rows)
+        out.mkdir(parents=True, exist_ok=True)
+        artifacts = [write_trec_run(run, out / f"run.{task}.{label}.trec", tag=label) for (label, task), run in runs.items()]
+        records = [row.record() for row in self.rows]
+        (out / "metrics.json").write_text(json.dumps(records, indent=2))
+        artifacts += [out / "metrics.json", write_markdown_tables(self.rows, self.measures, out / "results.md"),
+                      write_bar_chart(self.rows, self.measures[0], out / f"{self.measures[0].replace('@', '_at_')}.png")]
+        print_table(self.rows, self.measures[0])
+        params: dict[str, Any] = {f"retriever/{r.name}": r.fingerprint() for r in self.retrievers}
+        for task in self.trainer.datamodule.tasks:
+            params.update({f"data/{task.name}/{k}": v for k, v in task.describe().items()})
         for logger in self.trainer.loggers:
-            logger.log_hyperparams(self._data_params(tasks))
+            logger.log_hyperparams(params)
             if isinstance(logger, MLFlowLogger):
                 for path in artifacts:
                     logger.experiment.log_artifact(logger.run_id, str(path))
         if self.record_results:
-            path = record_rows(rows, self.results_file)
-            log.info("recorded %d rows in %s", len(rows), path)
-
-    def _row(self, result: TaskResult, tasks) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "retriever": self.retriever_name,
-            "mode": self.mode,
-            "checkpoint": self.encoder.adapter_path,
-            "dataset": result.task,
-            "split": result.split,
-        }
-        row.update({name: round(value, 4) for name, value in result.metrics.items()})
-        row.update({
-            "num_queries": result.num_queries,
-            "num_docs": result.num_docs,
-            "corpus_size": result.corpus_size,
-            "command": "search-r3 " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            "wall_time_s": round(self._seconds[result.task], 1),
-            "device": str(self.device),
-            "date": time.strftime("%Y-%m-%d"),
-        })
-        return row
-
-    def _data_params(self, tasks) -> dict[str, Any]:
-        params: dict[str, Any] = {"retriever": self.retriever_name, "mode": self.mode,
-                                  "encoder_fingerprint": self.encoder.fingerprint()}
-        for task in tasks:
-            params.update({f"data/{task.name}/{k}": v for k, v in task.describe().items()})
-        return params
-
-    def _print_table(self, rows: list[dict[str, Any]]) -> None:
-        table = Table(title=f"{self.retriever_name} ({self.mode})")
-        for col in ["dataset", "split", *self.measures, "queries", "docs", "wall time (s)"]:
-            table.add_column(col)
-        for r in rows:
-            docs = f"{r['num_docs']}" + ("" if r["num_docs"] == r["corpus_size"] else f" of {r['corpus_size']}")
-            table.add_row(r["dataset"], r["split"], *[f"{r[m]:.4f}" for m in self.measures],
-                          str(r["num_queries"]), docs, f"{r['wall_time_s']:.0f}")
-        if len(rows) > 1:
-            means = [sum(r[m] for r in rows) / len(rows) for m in self.measures]
-            table.add_row("mean", "", *[f"{v:.4f}" for v in means], "", "", "")
-        Console().print(table)
+            log.info("recorded %d rows in %s", len(records), record_rows(records, self.results_file))

@@ -86,7 +86,7 @@ def test_duplicate_document_id_is_an_error(mini_scifact: Path, tmp_path: Path) -
 def test_missing_files_are_named(mini_scifact: Path, tmp_path: Path) -> None:
     bad = _corrupt_copy(mini_scifact, tmp_path / "data" / "scifact")
     (bad / "queries.jsonl.gz").unlink()
-    with pytest.raises(DataFormatError, match=r"queries\.jsonl: no such file .*corpus\.jsonl\.gz"):
+    with pytest.raises(DataFormatError, match=r"queries\.test\.jsonl: no such file .*corpus\.jsonl\.gz"):
         _module(bad.parent, datasets=["scifact"])
     with pytest.raises(DataFormatError, match="dev.tsv: no such file"):
         _module(mini_scifact.parent, datasets=["scifact"], split="dev")
@@ -123,3 +123,20 @@ def test_malformed_qrels_line(mini_scifact: Path, tmp_path: Path) -> None:
     qrels.write_text(qrels.read_text() + "only-two\tcolumns\n")
     with pytest.raises(DataFormatError, match=r"test\.tsv:\d+: expected 3 tab-separated columns"):
         _module(bad.parent, datasets=["scifact"])
+
+
+def test_suite_finds_sets_with_a_corpus_and_picks_up_new_ones(data_root: Path, mini_scifact: Path, tmp_path: Path) -> None:
+    from datamodules.beir import BEIRSuiteDataModule
+
+    assert BEIRSuiteDataModule(data_root=str(data_root)).discover() == ["beir/nfcorpus", "beir/scifact"]
+    # A query-only set (queries.test.jsonl.gz + qrels, as in beir_queries_qrels_only/) joins once a corpus is added.
+    root = tmp_path / "data"
+    shutil.copytree(mini_scifact, root / "beir" / "scifact")
+    qonly = root / "beir_queries_qrels_only" / "mini"
+    shutil.copytree(mini_scifact / "qrels", qonly / "qrels")
+    shutil.copy(mini_scifact / "queries.jsonl.gz", qonly / "queries.test.jsonl.gz")
+    assert BEIRSuiteDataModule(data_root=str(root)).discover() == ["beir/scifact"]
+    shutil.copy(mini_scifact / "corpus.jsonl.gz", qonly / "corpus.jsonl.gz")
+    suite = BEIRSuiteDataModule(data_root=str(root))
+    suite.setup("test")
+    assert [t.name for t in suite.tasks] == ["scifact", "mini"] and len(suite.tasks[1].queries) == 8

