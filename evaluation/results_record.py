@@ -2,8 +2,9 @@
 
 Rows are written only when a run asks for it (``record_results``), never by default, and
 ``docs/results.md`` is regenerated from the JSON each time so the two cannot disagree.
-A row is replaced when a run with the same retriever, mode, checkpoint, dataset, split and size
-(queries, documents) is recorded again.
+A row is replaced when the same command records the same retriever, mode, checkpoint, dataset, split
+and size (queries, documents) again; the same system measured by two different commands (say the
+default run and the baselines run) keeps both rows, each with its own wall time.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 REQUIRED_KEYS = (
     "retriever", "mode", "checkpoint", "dataset", "split", "nDCG@10", "R@100", "RR@10", "command", "wall_time_s",
 )
-_IDENTITY = ("retriever", "mode", "checkpoint", "dataset", "split", "num_queries", "num_docs")
+_IDENTITY = ("retriever", "mode", "checkpoint", "dataset", "split", "num_queries", "num_docs", "command")
 
 
 def load_rows(path: str | Path) -> list[dict[str, Any]]:

@@ -1,0 +1,127 @@
+"""Every training loss of search-r3, in one module (Stage 1 uses all of them; Stage 2 reuses InfoNCE and KL).
+
+Conventions: embeddings are unit-norm, so cosine = dot product; temperature ``tau`` divides the
+cosine (``tau = 0.05`` is sentence-transformers' ``scale = 20``). Token-level terms take a boolean
+``mask`` selecting the positions that count (assistant-response tokens), already aligned with the
+logits that predict them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def info_nce_loss(queries: Tensor, documents: Tensor, positive_index: Tensor, tau: float = 0.05) -> Tensor:
+    """InfoNCE over cosine/τ with the positive in the denominator (the paper's formula).
+
+    Args:
+        queries: ``[B, d]`` unit-norm query embeddings.
+        documents: ``[N, d]`` unit-norm candidates: every query's positive and hard negatives, so each
+            query also sees the other queries' documents (in-batch negatives).
+        positive_index: ``[B]`` row of ``documents`` holding each query's positive.
+
+    Requirements: no document may appear twice in ``documents`` (a duplicate of a query's positive
+    would be counted as its negative); the training batch sampler guarantees it.
+    """
+    logits = queries @ documents.T / tau
+    return F.cross_entropy(logits, positive_index)
+
+
+def triplet_margin_loss(queries: Tensor, positives: Tensor, negatives: Tensor, margin: float = 0.2) -> Tensor:
+    """mean(max(0, d(q, p) − d(q, n) + margin)) with the cosine distance d = 1 − cos.
+
+    ``negatives`` is ``[B, d]`` (one negative per query, usually the hardest) or ``[B, K, d]``, in which
+    case the hardest (most similar) of the K is used.
+    """
+    if negatives.ndim == 3:
+        sims = torch.einsum("bd,bkd->bk", queries, negatives)
+        negatives = negatives[torch.arange(queries.shape[0], device=queries.device), sims.argmax(dim=1)]
+    return F.triplet_margin_with_distance_loss(
+        queries, positives, negatives, distance_function=lambda a, b: 1 - F.cosine_similarity(a, b), margin=margin
+    )
+
+
+def response_lm_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Next-token cross-entropy on the masked (response) positions only.
+
+    ``logits[:, t]`` predicts ``labels[:, t]``; the caller shifts once, so the LM loss and the KL below
+    see the same positions.
+    """
+    picked = mask.bool()
+    return F.cross_entropy(logits[picked].float(), labels[picked])
+
+
+def token_kl(policy_logits: Tensor, reference_logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean over masked tokens of KL(p_policy ‖ p_reference), computed exactly over the vocabulary."""
+    picked = mask.bool()
+    logp = F.log_softmax(policy_logits[picked].float(), dim=-1)
+    logq = F.log_softmax(reference_logits[picked].float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean()
+
+
+class _RandomState:
+    """Captures CPU/CUDA RNG state so a chunk can be re-embedded with identical dropout masks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def cached_info_nce(
+    embed: Callable[[object], Tensor],
+    query_chunks: Sequence[object],
+    document_chunks: Sequence[object],
+    positive_index: Tensor,
+    tau: float = 0.05,
+    backward: Callable[[Tensor], None] = Tensor.backward,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GradCache-style InfoNCE: the number of negatives is bounded by the batch, not by activation memory.
+
+    1. embed every chunk without a graph; 2. compute the full-batch loss on those (detached) embeddings
+    and back-propagate it to them only; 3. re-embed chunk by chunk *with* a graph and back-propagate the
+    cached embedding gradients into the model. Dropout masks are replayed from the RNG state of step 1,
+    so the gradients equal those of the plain loss. ``backward`` is ``LightningModule.manual_backward``
+    under Lightning (precision plugins, DDP), ``Tensor.backward`` otherwise.
+
+    Returns the loss (detached) and the detached query/document embeddings (for logging or triplets).
+    """
+    chunks = list(query_chunks) + list(document_chunks)
+    states, reps = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            device = _device_of(chunk)
+            states.append(_RandomState(device))
+            reps.append(embed(chunk))
+    n_q = len(query_chunks)
+    q = torch.cat(reps[:n_q]).detach().requires_grad_()
+    d = torch.cat(reps[n_q:]).detach().requires_grad_()
+    loss = info_nce_loss(q, d, positive_index, tau)
+    loss.backward(inputs=[q, d])
+    grads = list(q.grad.split([r.shape[0] for r in reps[:n_q]])) + list(d.grad.split([r.shape[0] for r in reps[n_q:]]))
+    for chunk, state, grad in zip(chunks, states, grads):
+        state.restore()
+        surrogate = (embed(chunk) * grad).sum()
+        backward(surrogate)
+    return loss.detach(), q.detach(), d.detach()
+
+
+def _device_of(chunk: object) -> torch.device:
+    if isinstance(chunk, Tensor):
+        return chunk.device
+    if isinstance(chunk, (tuple, list)) and chunk and isinstance(chunk[0], Tensor):
+        return chunk[0].device
+    if isinstance(chunk, dict):
+        for v in chunk.values():
+            if isinstance(v, Tensor):
+                return v.device
+    return torch.device("cpu")

@@ -1,0 +1,87 @@
+"""Loss terms on hand-computed cases; cached (GradCache) InfoNCE equals plain InfoNCE in loss and gradients."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.embedding_lm import EmbeddingLM, LoraSettings
+from lightning_modules.losses import cached_info_nce, info_nce_loss, response_lm_loss, token_kl, triplet_margin_loss
+
+
+def test_info_nce_hand_computed() -> None:
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    loss = info_nce_loss(q, d, torch.tensor([0, 1]), tau=0.5)
+    # query 0: logits (2, 0, 1.2); query 1: logits (0, 2, 1.6)
+    l0 = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(1.2)))
+    l1 = -math.log(math.exp(2) / (1 + math.exp(2) + math.exp(1.6)))
+    assert loss.item() == pytest.approx((l0 + l1) / 2, abs=1e-6)
+
+
+def test_triplet_hand_computed_and_hardest_negative() -> None:
+    q = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[0.8, 0.6]])  # cos 0.8 -> distance 0.2
+    easy, hard = torch.tensor([0.0, 1.0]), torch.tensor([0.6, 0.8])  # distances 1.0 and 0.4
+    assert triplet_margin_loss(q, p, easy[None], margin=0.5).item() == pytest.approx(0.0)
+    assert triplet_margin_loss(q, p, hard[None], margin=0.5).item() == pytest.approx(0.2 - 0.4 + 0.5)
+    both = torch.stack([easy, hard])[None]  # [B=1, K=2, d]: the hardest one is used
+    assert triplet_margin_loss(q, p, both, margin=0.5).item() == pytest.approx(0.3)
+
+
+def test_response_lm_loss_counts_masked_tokens_only() -> None:
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
+    labels = torch.tensor([[0, 0, 1]])
+    mask = torch.tensor([[False, True, True]])
+    assert response_lm_loss(logits, labels, mask).item() == pytest.approx(-(math.log(0.9) + math.log(0.8)) / 2, abs=1e-6)
+
+
+def test_token_kl_hand_computed() -> None:
+    p = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]))
+    q = torch.log(torch.tensor([[[0.5, 0.5], [0.5, 0.5]]]))
+    mask = torch.tensor([[True, True]])
+    expected = (0.0 + 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) / 2
+    assert token_kl(p, q, mask).item() == pytest.approx(expected, abs=1e-6)
+    assert token_kl(p, p, mask).item() == pytest.approx(0.0, abs=1e-7)
+
+
+QUERIES = ["vitamin D and bone", "who wrote Hamlet", "elderly patients", "tragedy"]
+DOCS = ["Vitamin D deficiency in elderly patients.", "Hamlet is a tragedy by William Shakespeare.",
+        "Patients over 80 years.", "A tragedy written around 1600.", "Bone density.", "Who wrote it?"]
+
+
+def test_cached_info_nce_equals_plain_in_loss_and_gradients(tiny_lm_dir: Path) -> None:
+    model = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
+                        lora=LoraSettings(r=4, alpha=8, dropout=0.2))
+    torch.manual_seed(0)
+    with torch.no_grad():  # make LoRA non-trivial so its gradients are not all zero-by-construction
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    model.train()  # dropout on: the cached pass must replay the same masks
+    q_chunks = [model.pad(model.direct_prompt_ids(QUERIES[i:i + 2], "query")) for i in range(0, 4, 2)]
+    d_chunks = [model.pad(model.direct_prompt_ids(DOCS[i:i + 3], "document")) for i in range(0, 6, 3)]
+    positives = torch.tensor([0, 1, 2, 3])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def embed(chunk: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return model.embed_at_token(*chunk)
+
+    torch.manual_seed(123)
+    q = torch.cat([embed(c) for c in q_chunks])
+    d = torch.cat([embed(c) for c in d_chunks])
+    plain = info_nce_loss(q, d, positives)
+    plain.backward()
+    plain_grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+
+    torch.manual_seed(123)
+    cached, _, _ = cached_info_nce(embed, q_chunks, d_chunks, positives)
+    assert cached.item() == pytest.approx(plain.item(), abs=1e-6)
+    assert sum(g.abs().sum().item() for g in plain_grads) > 0
+    for p, g in zip(params, plain_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
