@@ -182,9 +182,13 @@ class EmbeddingLM(nn.Module):
         return "|".join(parts)
 
     # ------------------------------------------------------------------ tokenisation
-    def _prompt_parts(self, side: Side, system: str, assistant: str | None) -> tuple[list[int], list[int]]:
-        """Token ids of the chat prompt before and after the user text (computed once per shape)."""
-        key = (side + system, str(assistant))
+    def _prompt_parts(self, side: Side, system: str, assistant: str | None, full_turn: bool = False
+                      ) -> tuple[list[int], list[int]]:
+        """Token ids of the chat prompt before and after the user text (computed once per shape).
+
+        With ``full_turn`` the assistant turn is kept whole (up to its end-of-turn token), as the LM
+        loss needs; otherwise it is cut right after the embed token."""
+        key = (side + system, str(assistant), full_turn)
         if key not in self._prompt_cache:
             marker = "\x00USER_TEXT\x00"
             messages = [{"role": "system", "content": system}, {"role": "user", "content": marker}]
@@ -193,8 +197,12 @@ class EmbeddingLM(nn.Module):
             else:
                 messages.append({"role": "assistant", "content": assistant})
                 rendered = self.tokenizer.apply_chat_template(messages, tokenize=False)
-                # Cut right after the embed token: nothing later can change its hidden state.
-                rendered = rendered[: rendered.rindex(EMBED_TOKEN) + len(EMBED_TOKEN)]
+                if full_turn:
+                    end = self.tokenizer.eos_token or ""
+                    rendered = rendered[: rendered.rindex(end) + len(end)] if end and end in rendered else rendered
+                else:
+                    # Cut right after the embed token: nothing later can change its hidden state.
+                    rendered = rendered[: rendered.rindex(EMBED_TOKEN) + len(EMBED_TOKEN)]
             head, tail = rendered.split(marker)
             self._prompt_cache[key] = (
                 self.tokenizer(head, add_special_tokens=False)["input_ids"],
@@ -219,6 +227,16 @@ class EmbeddingLM(nn.Module):
         head, tail = self._prompt_parts(side, self.prompts.system(side), self.prompts.embed_prefix)
         return [head + ids + tail for ids in self._text_ids(texts, side)]
 
+    def direct_training_ids(self, texts: Sequence[str], side: Side) -> tuple[list[list[int]], list[int]]:
+        """Direct-mode sequences with the whole assistant turn ("The embedding is <|embed_token|>.<|im_end|>")
+        and, per row, the position where that response starts: the LM loss teaches the model to write it."""
+        system = self.prompts.system(side)
+        head, tail = self._prompt_parts(side, system, self.prompts.embed_response, full_turn=True)
+        _, header_tail = self._prompt_parts(side, system, None)  # the same turn, up to the assistant header
+        response = len(tail) - len(header_tail)
+        seqs = [head + ids + tail for ids in self._text_ids(texts, side)]
+        return seqs, [len(s) - response for s in seqs]
+
     def reasoning_prompt_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Reasoning-mode prompts: they end with the assistant header, the model writes the rest."""
         head, tail = self._prompt_parts("query", self.prompts.reasoning_system, None)
@@ -239,6 +257,9 @@ class EmbeddingLM(nn.Module):
     def embed_at_token(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Differentiable readout: unit-norm fp32 hidden state at the last embed token of each row."""
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._read_embed_token(hidden, input_ids, attention_mask)
+
+    def _read_embed_token(self, hidden: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         is_token = (input_ids == self.embed_token_id) & attention_mask.bool()
         if not bool(is_token.any(dim=1).all()):
             bad = (~is_token.any(dim=1)).nonzero().flatten().tolist()
@@ -247,6 +268,23 @@ class EmbeddingLM(nn.Module):
         last = torch.where(is_token, positions, -1).amax(dim=1)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return F.normalize(picked.float(), dim=-1)
+
+    def embed_and_response_logits(
+        self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One forward pass for training: the embedding at the last embed token (as
+        :meth:`embed_at_token`) and the LM logits that *predict* the masked response tokens.
+
+        Logits are computed only where they are needed (``response_mask`` shifted left by one), so the
+        vocabulary projection costs a few positions per row instead of the whole sequence. Returns
+        ``(embeddings [B, d], logits [n, V])`` with the n targets being ``input_ids[response_mask]``.
+        """
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        embeddings = self._read_embed_token(hidden, input_ids, attention_mask)
+        predicting = torch.zeros_like(response_mask, dtype=torch.bool)
+        predicting[:, :-1] = response_mask[:, 1:].bool()
+        logits = self.lm.get_output_embeddings()(hidden[predicting])
+        return embeddings, logits
 
     def encode(self, texts: Sequence[str], side: Side = "query", batch_size: int | None = None) -> Tensor:
         """Direct-mode embeddings ``[len(texts), d]`` (fp32, CPU), in input order.

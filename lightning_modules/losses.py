@@ -77,6 +77,37 @@ class _RandomState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
+def cached_embedding_loss(
+    embed: Callable[[object], Tensor],
+    chunks: Sequence[object],
+    loss_on_embeddings: Callable[[Tensor], Tensor],
+    backward: Callable[[Tensor], None] = Tensor.backward,
+) -> tuple[Tensor, Tensor]:
+    """GradCache: any loss over a big batch of embeddings, with activation memory of one chunk.
+
+    1. embed every chunk without a graph; 2. compute the full-batch loss on those (detached) embeddings
+    and back-propagate it to them only; 3. re-embed chunk by chunk *with* a graph and back-propagate the
+    cached embedding gradients into the model. Dropout masks are replayed from the RNG state of step 1,
+    so the gradients equal those of the plain loss. ``backward`` is ``LightningModule.manual_backward``
+    under Lightning (precision plugins, DDP), ``Tensor.backward`` otherwise.
+
+    Returns the loss and all embeddings (both detached), rows in chunk order.
+    """
+    states, reps = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(_RandomState(_device_of(chunk)))
+            reps.append(embed(chunk))
+    cached = torch.cat(reps).detach().requires_grad_()
+    loss = loss_on_embeddings(cached)
+    loss.backward(inputs=[cached])
+    grads = cached.grad.split([r.shape[0] for r in reps])
+    for chunk, state, grad in zip(chunks, states, grads):
+        state.restore()
+        backward((embed(chunk) * grad).sum())
+    return loss.detach(), cached.detach()
+
+
 def cached_info_nce(
     embed: Callable[[object], Tensor],
     query_chunks: Sequence[object],
@@ -85,34 +116,24 @@ def cached_info_nce(
     tau: float = 0.05,
     backward: Callable[[Tensor], None] = Tensor.backward,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """GradCache-style InfoNCE: the number of negatives is bounded by the batch, not by activation memory.
+    """:func:`info_nce_loss` through :func:`cached_embedding_loss`; returns (loss, queries, documents)."""
+    n_q = sum(_rows_of(c) for c in query_chunks)
 
-    1. embed every chunk without a graph; 2. compute the full-batch loss on those (detached) embeddings
-    and back-propagate it to them only; 3. re-embed chunk by chunk *with* a graph and back-propagate the
-    cached embedding gradients into the model. Dropout masks are replayed from the RNG state of step 1,
-    so the gradients equal those of the plain loss. ``backward`` is ``LightningModule.manual_backward``
-    under Lightning (precision plugins, DDP), ``Tensor.backward`` otherwise.
+    def loss_fn(reps: Tensor) -> Tensor:
+        return info_nce_loss(reps[:n_q], reps[n_q:], positive_index, tau)
 
-    Returns the loss (detached) and the detached query/document embeddings (for logging or triplets).
-    """
-    chunks = list(query_chunks) + list(document_chunks)
-    states, reps = [], []
-    with torch.no_grad():
-        for chunk in chunks:
-            device = _device_of(chunk)
-            states.append(_RandomState(device))
-            reps.append(embed(chunk))
-    n_q = len(query_chunks)
-    q = torch.cat(reps[:n_q]).detach().requires_grad_()
-    d = torch.cat(reps[n_q:]).detach().requires_grad_()
-    loss = info_nce_loss(q, d, positive_index, tau)
-    loss.backward(inputs=[q, d])
-    grads = list(q.grad.split([r.shape[0] for r in reps[:n_q]])) + list(d.grad.split([r.shape[0] for r in reps[n_q:]]))
-    for chunk, state, grad in zip(chunks, states, grads):
-        state.restore()
-        surrogate = (embed(chunk) * grad).sum()
-        backward(surrogate)
-    return loss.detach(), q.detach(), d.detach()
+    loss, reps = cached_embedding_loss(embed, list(query_chunks) + list(document_chunks), loss_fn, backward)
+    return loss, reps[:n_q], reps[n_q:]
+
+
+def _rows_of(chunk: object) -> int:
+    if isinstance(chunk, Tensor):
+        return chunk.shape[0]
+    if isinstance(chunk, (tuple, list)):
+        return chunk[0].shape[0]
+    if isinstance(chunk, dict):
+        return next(v for v in chunk.values() if isinstance(v, Tensor)).shape[0]
+    raise TypeError(f"cannot count rows of a {type(chunk).__name__} chunk")
 
 
 def _device_of(chunk: object) -> torch.device:

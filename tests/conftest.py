@@ -113,3 +113,29 @@ def smollm2():
 
     return EmbeddingLM(cache_dir=str(REPO / ".cache" / "search_r3" / "models"), show_progress=False,
                        max_reasoning_tokens=32)
+
+
+@pytest.fixture(scope="session")
+def mini_train_root(tmp_path_factory: pytest.TempPathFactory, scifact_dir: Path, data_root: Path) -> Path:
+    """A data root with real SciFact training rows (24) and a corpus holding their documents + 20 others."""
+    from datamodules.beir_files import find_file, iter_jsonl
+
+    root = tmp_path_factory.mktemp("train_root")
+    rows = [obj for _, obj in iter_jsonl(data_root / "train" / "scifact_train_triples.jsonl.gz")][:24]
+    for r in rows:
+        r["neg_ids"] = r["neg_ids"][:2]
+    needed = {r["pos_id"] for r in rows} | {n for r in rows for n in r["neg_ids"]}
+    docs, extra = [], 0
+    for _, obj in iter_jsonl(find_file(scifact_dir, "corpus.jsonl")):
+        if obj["_id"] in needed or extra < 20:
+            extra += obj["_id"] not in needed
+            docs.append(obj)
+    out = root / "beir" / "scifact"
+    write_jsonl_gz(out / "corpus.jsonl.gz", docs)
+    queries = {r["query_id"]: r["query"] for r in rows}
+    write_jsonl_gz(out / "queries.jsonl.gz", [{"_id": q, "text": t} for q, t in queries.items()])
+    (out / "qrels").mkdir()
+    (out / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{r['query_id']}\t{r['pos_id']}\t1\n" for r in rows))
+    write_jsonl_gz(root / "train" / "scifact_train_triples.jsonl.gz", rows)
+    return root

@@ -175,3 +175,21 @@ def test_encode_inside_training_is_deterministic_and_keeps_train_mode(tiny_lm_di
     a, b = model.encode(TEXTS), model.encode(TEXTS)
     torch.testing.assert_close(a, b, atol=0, rtol=0)  # dropout off while encoding
     assert model.training
+
+
+def test_training_forward_matches_readout_and_full_logits(tiny_lm: EmbeddingLM) -> None:
+    seqs, starts = tiny_lm.direct_training_ids(TEXTS[:2], "query")
+    response = tiny_lm.tokenizer.decode(seqs[0][starts[0]:])
+    assert response == "The embedding is " + EMBED_TOKEN + ".<|im_end|>"
+    ids, mask = tiny_lm.pad(seqs)
+    response_mask = torch.zeros_like(ids, dtype=torch.bool)
+    for i, s in enumerate(starts):
+        response_mask[i, s:len(seqs[i])] = True
+    with tiny_lm.inference():
+        emb, logits = tiny_lm.embed_and_response_logits(ids, mask, response_mask)
+        full = tiny_lm.lm(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(emb, tiny_lm.encode(TEXTS[:2], "query"), atol=1e-5, rtol=0)
+    predicting = torch.zeros_like(response_mask)
+    predicting[:, :-1] = response_mask[:, 1:]
+    torch.testing.assert_close(logits, full[predicting], atol=1e-5, rtol=0)
+    assert logits.shape[0] == int(response_mask.sum())  # every response token, the first included, is predicted

@@ -1,0 +1,135 @@
+"""``ContrastiveDataModule``: Stage-1 batches of (query, positive, hard negatives), plus held-out validation.
+
+Training rows come from triples files (``train/*_train_triples.jsonl.gz``); document texts from the
+dataset's BEIR corpus, loaded for the ids the rows use only. Batches are built by
+:class:`NoDuplicatesBatchSampler` and tokenised in the collator with the model's own prompts (the
+LightningModule attaches its :class:`EmbeddingLM` in ``setup``).
+
+Validation: the first ``val_queries`` queries of each dataset's *train* qrels are held out (their rows
+are removed from training) and retrieved against a capped corpus, so model selection never sees a
+test query.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.beir import BEIRDataModule
+from datamodules.beir_files import DataFormatError, find_file, iter_corpus
+from datamodules.training_rows import NoDuplicatesBatchSampler, TrainingRow, read_training_rows
+
+log = logging.getLogger(__name__)
+
+
+class RowDataset(Dataset):
+    def __init__(self, rows: list[TrainingRow], texts: dict[str, str], num_negatives: int) -> None:
+        self.rows, self.texts, self.num_negatives = rows, texts, num_negatives
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.rows[i]
+        negs = list(r.neg_ids[: self.num_negatives])
+        return {"query": r.query, "positive": self.texts[r.pos_id], "negatives": [self.texts[n] for n in negs]}
+
+
+class ContrastiveCollator:
+    """Tokenises a batch through the attached encoder: queries and documents with the full assistant
+    turn (for the LM loss) and the masks of the response tokens."""
+
+    def __init__(self) -> None:
+        self.encoder = None
+
+    def _side(self, texts: list[str], side: str) -> dict[str, Tensor]:
+        seqs, starts = self.encoder.direct_training_ids(texts, side)
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.encoder.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        response = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for i, (s, start) in enumerate(zip(seqs, starts)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            response[i, start : len(s)] = True
+        return {"input_ids": ids, "attention_mask": mask, "response_mask": response}
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.encoder is None:
+            raise RuntimeError("ContrastiveCollator has no encoder: the LightningModule attaches it in setup()")
+        k = min(len(it["negatives"]) for it in items)
+        docs = [it["positive"] for it in items] + [n for it in items for n in it["negatives"][:k]]
+        return {"queries": self._side([it["query"] for it in items], "query"),
+                "documents": self._side(docs, "document"), "num_negatives": k}
+
+
+class ContrastiveDataModule(L.LightningDataModule):
+    """Args:
+        data_root: folder holding ``beir/<dataset>`` and the triples files.
+        train_files: triples files relative to ``data_root``.
+        num_negatives: hard negatives per query (each also serves as an in-batch negative for the others).
+        batch_size: queries per batch.
+        max_rows: cap on training rows after hold-out (quick runs); ``None`` keeps all.
+        val_queries / val_corpus_docs: size of the held-out validation task per dataset.
+        seed: shuffling seed (also reshuffled per epoch).
+    """
+
+    def __init__(self, data_root: str = "../shared/data", train_files: list[str] | None = None, num_negatives: int = 1,
+                 batch_size: int = 16, max_rows: int | None = None, val_queries: int = 50, val_corpus_docs: int = 1000,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.data_root = Path(data_root)
+        self.train_files = list(train_files) if train_files else ["train/scifact_train_triples.jsonl.gz"]
+        self.num_negatives, self.batch_size, self.max_rows = num_negatives, batch_size, max_rows
+        self.val_queries, self.val_corpus_docs, self.seed = val_queries, val_corpus_docs, seed
+        self.collator = ContrastiveCollator()
+        self.rows: list[TrainingRow] = []
+        self.validation: BEIRDataModule | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.rows:
+            return
+        rows_by_dataset: dict[str, list[TrainingRow]] = {}
+        for rel in self.train_files:
+            path = self.data_root / rel
+            dataset = Path(rel).name.split("_train_triples")[0]
+            rows_by_dataset.setdefault(dataset, []).extend(read_training_rows(path))
+        self.validation = BEIRDataModule(data_root=str(self.data_root), datasets=[f"beir/{d}" for d in rows_by_dataset],
+                                         split="train", max_queries=self.val_queries,
+                                         max_corpus_docs=self.val_corpus_docs)
+        self.validation.setup("validate")
+        held_out = {q for task in self.validation.tasks for q in task.queries}
+        texts: dict[str, str] = {}
+        for dataset, rows in rows_by_dataset.items():
+            needed = {r.pos_id for r in rows} | {n for r in rows for n in r.neg_ids[: self.num_negatives]}
+            corpus = find_file(self.data_root / "beir" / dataset, "corpus.jsonl")
+            for _, doc_id, text in iter_corpus(corpus):
+                if doc_id in needed:
+                    texts[doc_id] = text
+            unknown = needed - texts.keys()
+            if unknown:
+                raise DataFormatError(f"{len(unknown)} document ids of the {dataset} training rows are not in {corpus} "
+                                      f"(e.g. {sorted(unknown)[:3]})")
+            kept = [r for r in rows if r.query_id not in held_out and len(r.neg_ids) >= self.num_negatives]
+            log.info("%s: %d training rows (%d held out for validation or short of negatives)", dataset, len(kept),
+                     len(rows) - len(kept))
+            self.rows.extend(kept)
+        if self.max_rows:
+            self.rows = self.rows[: self.max_rows]
+        self.texts = texts
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = RowDataset(self.rows, self.texts, self.num_negatives)
+        sampler = NoDuplicatesBatchSampler([r.keys(self.num_negatives) for r in self.rows], self.batch_size,
+                                           seed=self.seed)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        assert self.validation is not None
+        return self.validation.val_dataloader()

@@ -1,0 +1,107 @@
+"""Contrastive training rows (query, positive, hard negatives) and the batch sampler that keeps them honest.
+
+Row format (``../shared/data/train/*_train_triples.jsonl.gz``, and what our miner writes)::
+
+    {"dataset": "nfcorpus", "query_id": "PLAIN-1", "query": "...", "pos_id": "MED-10", "neg_ids": ["MED-…", …]}
+
+Texts of documents come from the dataset's corpus by id.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.utils.data import Sampler
+
+from datamodules.beir_files import DataFormatError, iter_jsonl
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    query_id: str
+    query: str
+    pos_id: str
+    neg_ids: tuple[str, ...] = field(default_factory=tuple)
+
+    def keys(self, num_negatives: int) -> set[str]:
+        """Ids that must not repeat inside a batch: the query and every document it brings."""
+        return {f"q:{self.query_id}", f"d:{self.pos_id}", *(f"d:{n}" for n in self.neg_ids[:num_negatives])}
+
+
+def read_training_rows(path: str | Path) -> list[TrainingRow]:
+    """All rows of a triples file; a row without query/positive, or with an empty query, names its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such training file")
+    rows = []
+    for lineno, obj in iter_jsonl(path):
+        missing = [k for k in ("query_id", "query", "pos_id") if k not in obj]
+        if missing:
+            raise DataFormatError(f"{path}:{lineno}: training row without {missing}")
+        if not isinstance(obj["query"], str) or not obj["query"].strip():
+            raise DataFormatError(f"{path}:{lineno}: empty query (query {obj['query_id']!r})")
+        negs = obj.get("neg_ids") or []
+        if not isinstance(negs, list):
+            raise DataFormatError(f"{path}:{lineno}: neg_ids must be a list")
+        pos = str(obj["pos_id"])
+        rows.append(TrainingRow(str(obj["query_id"]), obj["query"].strip(), pos,
+                                tuple(str(n) for n in negs if str(n) != pos)))
+    if not rows:
+        raise DataFormatError(f"{path}: no training rows")
+    return rows
+
+
+class NoDuplicatesBatchSampler(Sampler[list[int]]):
+    """Shuffled batches in which no query and no document occurs twice.
+
+    A duplicate would be scored as a negative of itself: the same passage as one query's positive and
+    another's in-batch negative, or the same query twice with different positives. A row that clashes
+    with the batch being built waits for a later batch; every row is yielded exactly once per epoch.
+    ``set_epoch`` (called by Lightning) reshuffles deterministically from ``seed``.
+    """
+
+    def __init__(self, keys: Sequence[set[str]], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.keys = list(keys)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(range(len(self.keys)))
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(order)
+        pending = order
+        while pending:
+            batch: list[int] = []
+            used: set[str] = set()
+            waiting: list[int] = []
+            for pos, i in enumerate(pending):
+                if len(batch) == self.batch_size:
+                    waiting.extend(pending[pos:])
+                    break
+                if self.keys[i] & used:
+                    waiting.append(i)
+                    continue
+                batch.append(i)
+                used |= self.keys[i]
+            pending = waiting
+            if len(batch) < self.batch_size and self.drop_last:
+                return
+            yield batch
+
+    def __len__(self) -> int:
+        # An upper bound is not allowed here; this is exact only without clashes, which is what
+        # progress bars need (a clash-heavy epoch ends early, never late).
+        full, rest = divmod(len(self.keys), self.batch_size)
+        return full if self.drop_last else full + bool(rest)

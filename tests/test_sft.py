@@ -1,0 +1,93 @@
+"""Stage 1 on the tiny random LM with real SciFact rows: what trains, GradCache equivalence, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.contrastive import ContrastiveDataModule
+from lightning_modules.embedding_lm import EmbeddingLM, LoraSettings
+from lightning_modules.sft import SFTContrastiveModule
+
+
+def _module(tiny_lm_dir: Path, tmp_path: Path, **kw) -> SFTContrastiveModule:
+    torch.manual_seed(0)
+    encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
+                          lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=48, max_query_tokens=24)
+    return SFTContrastiveModule(encoder, adapter_dir=str(tmp_path / "adapter"), warmup_steps=1, lr=1e-2, **kw)
+
+
+def _data(root: Path, **kw) -> ContrastiveDataModule:
+    return ContrastiveDataModule(data_root=str(root), batch_size=4, num_negatives=2, val_queries=4,
+                                 val_corpus_docs=30, **kw)
+
+
+def _trainer(tmp_path: Path, **kw) -> L.Trainer:
+    kw.setdefault("max_steps", 2)
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0, **kw)
+
+
+def _trainable(module: SFTContrastiveModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_a_step_moves_lora_and_the_token_row_only(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path) -> None:
+    module = _module(tiny_lm_dir, tmp_path)
+    frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    before = _trainable(module)
+    # Two steps: LoRA's B starts at zero, so A only receives gradient from the second step on.
+    _trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, datamodule=_data(mini_train_root))
+    after = _trainable(module)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    assert any("trainable_tokens" in n for n in changed), "the embed-token row must train"
+    for n, p in module.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), f"base weight {n} changed"
+
+
+def test_validation_saves_an_adapter_that_test_loads(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path) -> None:
+    module = _module(tiny_lm_dir, tmp_path)
+    trainer = _trainer(tmp_path, max_steps=2, val_check_interval=2)
+    trainer.fit(module, datamodule=_data(mini_train_root))
+    assert 0.0 <= float(trainer.callback_metrics["val/nDCG_at_10"]) <= 1.0
+    loaded = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", adapter=str(tmp_path / "adapter" / "best"),
+                         show_progress=False, max_document_tokens=48, max_query_tokens=24)
+    texts = ["vitamin D", "Hamlet"]
+    torch.testing.assert_close(loaded.encode(texts), module.encoder.encode(texts), atol=1e-6, rtol=0)
+
+
+def test_cached_step_equals_plain_step(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path) -> None:
+    results = []
+    for cached in (False, True):
+        module = _module(tiny_lm_dir, tmp_path / str(cached), cached=cached, chunk_size=3)
+        _trainer(tmp_path / str(cached), max_steps=1, limit_val_batches=0).fit(module, datamodule=_data(mini_train_root))
+        results.append(_trainable(module))
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_reaches_the_uninterrupted_state(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path) -> None:
+    data_kw = {"max_rows": 8}  # 2 batches an epoch: checkpoints fall on epoch boundaries
+    straight = _module(tiny_lm_dir, tmp_path / "a")
+    _trainer(tmp_path / "a", max_epochs=2, max_steps=-1, limit_val_batches=0).fit(
+        straight, datamodule=_data(mini_train_root, **data_kw))
+    first = _module(tiny_lm_dir, tmp_path / "b")
+    trainer = _trainer(tmp_path / "b", max_epochs=1, max_steps=-1, limit_val_batches=0)
+    trainer.fit(first, datamodule=_data(mini_train_root, **data_kw))
+    ckpt = next((tmp_path / "b").rglob("*.ckpt"))
+    assert ckpt.stat().st_size < 2_000_000  # trainable parameters only
+    resumed = _module(tiny_lm_dir, tmp_path / "c")
+    _trainer(tmp_path / "c", max_epochs=2, max_steps=-1, limit_val_batches=0).fit(
+        resumed, datamodule=_data(mini_train_root, **data_kw), ckpt_path=str(ckpt))
+    for name, value in _trainable(straight).items():
+        torch.testing.assert_close(_trainable(resumed)[name], value, atol=1e-6, rtol=0)
+
+
+def test_needs_lora(tiny_lm_dir: Path) -> None:
+    with pytest.raises(ValueError, match="lora"):
+        SFTContrastiveModule(EmbeddingLM(base_model=str(tiny_lm_dir), show_progress=False))

@@ -1,0 +1,51 @@
+"""Training rows and the no-duplicates batch sampler on the real NFCorpus/SciFact triples."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from datamodules.beir_files import DataFormatError
+from datamodules.training_rows import NoDuplicatesBatchSampler, read_training_rows
+
+
+@pytest.fixture(scope="module")
+def nfcorpus_rows(data_root: Path):
+    return read_training_rows(data_root / "train" / "nfcorpus_train_triples.jsonl.gz")
+
+
+def test_real_rows_parse(nfcorpus_rows, data_root: Path) -> None:
+    assert len(nfcorpus_rows) == 9394 and len({r.query_id for r in nfcorpus_rows}) == 2590
+    assert len(read_training_rows(data_root / "train" / "scifact_train_triples.jsonl.gz")) == 919
+    assert all(r.pos_id not in r.neg_ids for r in nfcorpus_rows)
+
+
+@pytest.mark.parametrize("num_negatives", [0, 3])
+def test_sampler_never_repeats_a_query_or_document_and_yields_every_row_once(nfcorpus_rows, num_negatives: int) -> None:
+    keys = [r.keys(num_negatives) for r in nfcorpus_rows]
+    # The data really has clashes: NFCorpus queries come with up to 4 positives each.
+    assert max(Counter(r.query_id for r in nfcorpus_rows).values()) > 1
+    sampler = NoDuplicatesBatchSampler(keys, batch_size=32, seed=0)
+    seen = []
+    for batch in sampler:
+        ids = [k for i in batch for k in keys[i]]
+        assert len(ids) == len(set(ids)), "duplicate query or document inside a batch"
+        seen += batch
+    assert sorted(seen) == list(range(len(keys)))
+    first = next(iter(sampler))
+    sampler.set_epoch(1)
+    assert next(iter(sampler)) != first  # reshuffled per epoch, deterministically
+    sampler.set_epoch(0)
+    assert next(iter(sampler)) == first
+
+
+def test_bad_rows_name_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"query_id": "q1", "query": "ok", "pos_id": "d1"}\n{"query_id": "q2", "query": " ", "pos_id": "d2"}\n')
+    with pytest.raises(DataFormatError, match=r"rows\.jsonl:2: empty query"):
+        read_training_rows(path)
+    path.write_text('{"query_id": "q1", "query": "ok"}\n')
+    with pytest.raises(DataFormatError, match=r"rows\.jsonl:1: training row without \['pos_id'\]"):
+        read_training_rows(path)
