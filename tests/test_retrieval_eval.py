@@ -1,0 +1,64 @@
+"""RetrievalEvalModule through a real Trainer on the tiny LM: rows, artifacts, and the document-embedding cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from datamodules.beir import BEIRDataModule
+from evaluation.retrievers import EmbeddingLMRetriever
+from lightning_modules.embedding_lm import EmbeddingLM
+from lightning_modules.retrieval_eval import RetrievalEvalModule
+
+
+def _run(tiny_lm_dir: Path, root: Path, tmp_path: Path, **encoder_kw) -> tuple[RetrievalEvalModule, list[int]]:
+    encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, **encoder_kw)
+    calls: list[int] = []
+    original = encoder.encode_documents
+    encoder.encode_documents = lambda texts, batch_size=None: calls.append(len(texts)) or original(texts, batch_size)
+    module = RetrievalEvalModule([EmbeddingLMRetriever(encoder, name="tiny", modes=["direct", "reasoning"])],
+                                 output_dir=str(tmp_path / "out"), embedding_cache_dir=str(tmp_path / "cache"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(module, datamodule=BEIRDataModule(data_root=str(root), datasets=["scifact"], batch_size=16))
+    return module, calls
+
+
+def test_second_run_reuses_document_embeddings_until_the_model_changes(tiny_lm_dir: Path, mini_scifact: Path,
+                                                                        tmp_path: Path) -> None:
+    first, calls = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, max_reasoning_tokens=4)
+    assert sum(calls) == first.rows[0].num_docs  # every document encoded once, shared by both modes
+    assert [(r.label, r.dataset) for r in first.rows] == [("tiny.direct", "scifact"), ("tiny.reasoning", "scifact")]
+    second, calls = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, max_reasoning_tokens=4)
+    assert calls == []  # served from the cache
+    assert second.rows[0].metrics == first.rows[0].metrics
+    _, calls = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, max_reasoning_tokens=4, max_document_tokens=32)
+    assert sum(calls) == first.rows[0].num_docs  # another truncation: another representation, re-encoded
+    out = sorted(p.name for p in next((tmp_path / "out").iterdir()).iterdir())
+    assert {"metrics.json", "results.md", "nDCG_at_10.png", "run.scifact.tiny.direct.trec"} <= set(out)
+
+
+def test_retriever_names_must_be_unique(tiny_lm_dir: Path) -> None:
+    encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False)
+    with pytest.raises(ValueError, match="unique"):
+        RetrievalEvalModule([EmbeddingLMRetriever(encoder, name="a"), EmbeddingLMRetriever(encoder, name="a")])
+
+
+@pytest.mark.e2e
+def test_two_process_ddp_gives_the_single_process_numbers(tiny_lm_dir: Path, mini_scifact: Path, tmp_path: Path) -> None:
+    import json
+
+    results = {}
+    for name, strategy, devices in [("single", "auto", 1), ("ddp", "ddp_spawn", 2)]:
+        encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False)
+        module = RetrievalEvalModule([EmbeddingLMRetriever(encoder, name="tiny")], output_dir=str(tmp_path / name),
+                                     embedding_cache_dir=None)
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        # batch 5: neither the 48 documents nor the 8 queries split evenly, so padding and sharding both matter
+        trainer.test(module, datamodule=BEIRDataModule(data_root=str(mini_scifact.parent), datasets=["scifact"],
+                                                       batch_size=5))
+        results[name] = json.loads(next((tmp_path / name).rglob("metrics.json")).read_text())
+    for key in ("nDCG@10", "R@100", "RR@10"):
+        assert results["ddp"][0][key] == pytest.approx(results["single"][0][key], abs=1e-4)
