@@ -26,6 +26,7 @@ class ResultRow:
     command: str
     wall_time_s: float
     device: str = "cpu"
+    documents_from_cache: bool = False  # wall time then excludes encoding the corpus
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
 
     @property
@@ -38,8 +39,8 @@ class ResultRow:
                                "dataset": self.dataset, "split": self.split}
         out.update(self.metrics)
         out.update({"num_queries": self.num_queries, "num_docs": self.num_docs, "corpus_size": self.corpus_size,
-                    "command": self.command, "wall_time_s": self.wall_time_s, "device": self.device,
-                    "date": self.date})
+                    "command": self.command, "wall_time_s": self.wall_time_s,
+                    "documents_from_cache": self.documents_from_cache, "device": self.device, "date": self.date})
         return out
 
 

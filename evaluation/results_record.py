@@ -73,7 +73,8 @@ def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") ->
         cells = [
             r["dataset"], r["split"], r["retriever"], _fmt(r["mode"]), _fmt(r["checkpoint"]),
             _fmt(r["nDCG@10"]), _fmt(r["R@100"]), _fmt(r["RR@10"]), _fmt(r.get("num_queries")), docs,
-            f"{r['wall_time_s']:.0f}", f"`{r['command']}`",
+            f"{r['wall_time_s']:.0f}" + (" (docs cached)" if r.get("documents_from_cache") else ""),
+            f"`{r['command']}`",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -37,6 +37,10 @@ from evaluation.run_files import write_trec_run
 log = logging.getLogger(__name__)
 
 
+def _missing_tokens(retriever: Retriever) -> int:
+    return int(getattr(getattr(retriever, "encoder", None), "missing_embed_token_count", 0))
+
+
 def metric_key(stage: str, task: str, system: str, measure: str) -> str:
     """``test/scifact/bm25/nDCG_at_10``: MLflow rejects '@' in metric names."""
     return f"{stage}/{task}/{system}/{measure.replace('@', '_at_')}"
@@ -82,6 +86,7 @@ class RetrievalEvalModule(L.LightningModule):
         self.store = EmbeddingStore()
         self.rows: list[ResultRow] = []
         self._seconds: dict[tuple, float] = defaultdict(float)
+        self._missing: dict[tuple, int] = defaultdict(int)  # reasoning queries whose token was appended
         self._cached: dict[tuple[int, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ loop
@@ -89,6 +94,7 @@ class RetrievalEvalModule(L.LightningModule):
         self.store.clear()
         self.rows = []
         self._seconds.clear()
+        self._missing.clear()
         self._cached = {}
         for i, retriever in enumerate(self.retrievers):
             if isinstance(retriever, DenseRetriever):
@@ -112,7 +118,9 @@ class RetrievalEvalModule(L.LightningModule):
             else:
                 for mode in retriever.modes:
                     start = time.perf_counter()
+                    missing = _missing_tokens(retriever)
                     self.store.add((i, task, "query", mode), batch["index"], retriever.encode_queries(texts, mode))
+                    self._missing[(i, task, mode)] += _missing_tokens(retriever) - missing
                     self._seconds[(i, task, mode)] += time.perf_counter() - start
 
     def on_test_epoch_end(self) -> None:
@@ -132,16 +140,14 @@ class RetrievalEvalModule(L.LightningModule):
                         run = retriever.search(task, self.top_k)
                         metrics_ = score_run(task, run, self.measures)
                     seconds = time.perf_counter() - start + self._seconds[(i, task.name)] + self._seconds[(i, task.name, mode)]
-                    row = self._row(retriever, mode, task, metrics_, seconds)
+                    row = self._row(retriever, mode, task, metrics_, seconds, cached=(i, task.name) in self._cached)
                     self.rows.append(row)
                     runs[(row.label, task.name)] = run
                     metrics.update({metric_key("test", task.name, row.label, k): v for k, v in metrics_.items()})
                     metrics[metric_key("test", task.name, row.label, "wall_time_s")] = seconds
-            for retriever in self.retrievers:
-                counter = getattr(getattr(retriever, "encoder", None), "missing_embed_token_count", 0)
-                if "reasoning" in retriever.modes:
-                    metrics[f"test/{task.name}/{retriever.name}.reasoning/missing_embed_token_rate"] = (
-                        counter / max(len(task.queries), 1))
+                    if mode == "reasoning":
+                        rate = self._missing[(i, task.name, mode)] / max(len(task.queries), 1)
+                        metrics[metric_key("test", task.name, row.label, "missing_embed_token_rate")] = rate
         if self.trainer.is_global_zero:
             # Straight to the loggers: self.log would print one duplicate column per dataloader.
             for logger in self.trainer.loggers:
@@ -177,13 +183,13 @@ class RetrievalEvalModule(L.LightningModule):
 
     # ------------------------------------------------------------------ outputs
     def _row(self, retriever: Retriever, mode: str | None, task: RetrievalTask, metrics: dict[str, float],
-             seconds: float) -> ResultRow:
+             seconds: float, cached: bool) -> ResultRow:
         return ResultRow(
             retriever=retriever.name, mode=mode, checkpoint=retriever.checkpoint, dataset=task.name,
             split=task.split, metrics={k: round(v, 4) for k, v in metrics.items()},
             num_queries=len(task.queries), num_docs=task.num_docs, corpus_size=task.corpus_size,
             command="search-r3 " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            wall_time_s=round(seconds, 1), device=str(self.device),
+            wall_time_s=round(seconds, 1), device=str(self.device), documents_from_cache=cached,
         )
 
     def _report(self, runs: dict[tuple, dict]) -> None:

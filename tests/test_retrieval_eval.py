@@ -33,6 +33,7 @@ def test_second_run_reuses_document_embeddings_until_the_model_changes(tiny_lm_d
     second, calls = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, max_reasoning_tokens=4)
     assert calls == []  # served from the cache
     assert second.rows[0].metrics == first.rows[0].metrics
+    assert second.rows[0].documents_from_cache and not first.rows[0].documents_from_cache
     _, calls = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, max_reasoning_tokens=4, max_document_tokens=32)
     assert sum(calls) == first.rows[0].num_docs  # another truncation: another representation, re-encoded
     out = sorted(p.name for p in next((tmp_path / "out").iterdir()).iterdir())
