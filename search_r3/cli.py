@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from typing import Any
 
 # Hubs are unreachable: fail fast instead of retrying downloads. Set before transformers is imported.
@@ -64,6 +65,8 @@ class SearchR3CLI(LightningCLI):
 def run_cli(args: list[str] | None = None) -> SearchR3CLI:
     """Build and run the CLI; returns it so tests can inspect the trainer and model."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Lightning 2.6 warns about its own use of torch's LeafSpec on every run; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     return SearchR3CLI(
         model_class=L.LightningModule,
         datamodule_class=L.LightningDataModule,

@@ -1,0 +1,36 @@
+"""search-r3-mine on a real SciFact training subset: judged documents never become negatives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datamodules.mining import judged_in_any_split, main
+from datamodules.training_rows import read_training_rows
+
+
+def test_mined_rows_exclude_judged_documents_and_respect_the_window(mini_train_root: Path, tmp_path: Path) -> None:
+    dataset = mini_train_root / "beir" / "scifact"
+    out = tmp_path / "mined.jsonl.gz"
+    main(["--dataset", str(dataset), "--out", str(out), "--window", "1", "20", "--negatives", "5",
+          "--index-dir", str(tmp_path / "bm25")])
+    rows = read_training_rows(out)
+    judged = judged_in_any_split(dataset)
+    assert len(rows) == 24  # one row per (query, positive) of the train qrels
+    for r in rows:
+        assert 0 < len(r.neg_ids) <= 5
+        assert not set(r.neg_ids) & judged[r.query_id]
+
+
+def test_window_skips_the_top_ranks(mini_train_root: Path, tmp_path: Path) -> None:
+    from datamodules.beir import BEIRDataModule
+    from datamodules.mining import mine_bm25_negatives
+    from evaluation.retrievers import BM25Retriever
+
+    dataset = mini_train_root / "beir" / "scifact"
+    dm = BEIRDataModule(data_root=str(dataset.parent), datasets=["scifact"], split="train")
+    dm.setup("fit")
+    run = BM25Retriever(index_dir=str(tmp_path / "bm25")).search(dm.tasks[0], k=20)
+    for row in mine_bm25_negatives(dataset, window=(5, 20), index_dir=str(tmp_path / "bm25")):
+        top5 = set(list(run[row["query_id"]])[:5])
+        assert not set(row["neg_ids"]) & top5
+        assert set(row["neg_ids"]) <= set(list(run[row["query_id"]])[5:20])
