@@ -115,6 +115,8 @@ class EmbeddingLM(nn.Module):
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype])
         _add_embed_token_row(lm, self.embed_token_id)
         meta = _read_meta(adapter) if adapter else None
+        if meta is not None:
+            _check_adapter(meta, adapter, base_model, self.prompts)
         if meta is not None and meta.get("lora") is not None:
             from peft import PeftModel
 
@@ -448,6 +450,19 @@ def _folder_digest(folder: str | None) -> str:
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _check_adapter(meta: dict, adapter: str, base_model: str, prompts: PromptTemplates) -> None:
+    """An adapter only means something on the base model it was trained on, with its prompts."""
+    trained_on = str(meta.get("base_model"))
+    same_folder = Path(trained_on).is_dir() and Path(base_model).is_dir() and \
+        Path(trained_on).resolve() == Path(base_model).resolve()
+    if trained_on != base_model and not same_folder:
+        raise ValueError(f"adapter {adapter!r} was trained on base model {meta.get('base_model')!r}, "
+                         f"not {base_model!r}")
+    if meta.get("prompts") and meta["prompts"] != asdict(prompts):
+        log.warning("adapter %s was trained with other prompts than the ones configured now: %s", adapter,
+                    {k: v for k, v in meta["prompts"].items() if asdict(prompts).get(k) != v})
 
 
 def _read_meta(adapter: str) -> dict:

@@ -193,3 +193,14 @@ def test_training_forward_matches_readout_and_full_logits(tiny_lm: EmbeddingLM) 
     predicting[:, :-1] = response_mask[:, 1:]
     torch.testing.assert_close(logits, full[predicting], atol=1e-5, rtol=0)
     assert logits.shape[0] == int(response_mask.sum())  # every response token, the first included, is predicted
+
+
+def test_adapter_refuses_another_base_model(tiny_lm: EmbeddingLM, tiny_lm_dir: Path, tmp_path: Path) -> None:
+    tiny_lm.save(tmp_path / "row")
+    import json
+
+    meta = json.loads((tmp_path / "row" / "search_r3.json").read_text())
+    meta["base_model"] = "smollm2-135m-instruct"
+    (tmp_path / "row" / "search_r3.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="was trained on base model 'smollm2-135m-instruct'"):
+        EmbeddingLM(base_model=str(tiny_lm_dir), adapter=str(tmp_path / "row"))
