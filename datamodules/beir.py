@@ -59,6 +59,15 @@ class RetrievalTask:
     def capped(self) -> bool:
         return self.keep_docs is not None
 
+    def load_texts(self) -> list[str]:
+        """The encoded documents' texts in ``doc_ids`` order, read in one pass (for in-memory users such
+        as the RL environment; evaluation streams through ``CorpusStream`` instead)."""
+        texts = [text for _, doc_id, text in iter_corpus(self.corpus_path)
+                 if self.keep_docs is None or doc_id in self.keep_docs]
+        if len(texts) != len(self.doc_ids):
+            raise DataFormatError(f"{self.corpus_path} changed while in use: {len(texts)} documents, expected {len(self.doc_ids)}")
+        return texts
+
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "num_queries": len(self.queries),

@@ -73,14 +73,20 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.epoch = 0
+        self._len_cache: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches(self.epoch))
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches, computed whole: ``__len__`` needs the same greedy packing to be exact."""
         order = list(range(len(self.keys)))
         if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(order)
+            random.Random(self.seed + epoch).shuffle(order)
+        batches: list[list[int]] = []
         pending = order
         while pending:
             batch: list[int] = []
@@ -97,11 +103,13 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
                 used |= self.keys[i]
             pending = waiting
             if len(batch) < self.batch_size and self.drop_last:
-                return
-            yield batch
+                break
+            batches.append(batch)
+        return batches
 
     def __len__(self) -> int:
-        # An upper bound is not allowed here; this is exact only without clashes, which is what
-        # progress bars need (a clash-heavy epoch ends early, never late).
-        full, rest = divmod(len(self.keys), self.batch_size)
-        return full if self.drop_last else full + bool(rest)
+        # Clashes push rows into later, partly filled batches, so the count depends on the shuffle:
+        # pack the epoch once (cached) rather than guess, so progress bars and LR schedules are right.
+        if self._len_cache is None or self._len_cache[0] != self.epoch:
+            self._len_cache = (self.epoch, len(self._batches(self.epoch)))
+        return self._len_cache[1]

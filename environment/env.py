@@ -4,19 +4,24 @@ During RL the same model embeds the corpus, so every optimizer step makes the st
 stale. Re-encoding the corpus each step costs O(N) encoder calls; this environment re-encodes only the
 neighbourhood a step touches (our design; the paper gives no details, see ``docs/design.md``):
 the union of the rollouts' retrieved top-L and the labelled positives, minus documents already
-encoded at the current model version, optionally plus their nearest neighbours, with an optional
-full refresh every N steps. Each document keeps the version (training step) it was encoded at.
+encoded at the current model version, optionally plus their nearest neighbours, with an optional full
+refresh every N steps or when the drift measured on the refreshed documents passes a threshold.
+Each document keeps the version (training step) it was encoded at.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from scipy.stats import kendalltau
 from torch import Tensor
 
+from environment.index import ExactIndex, VectorIndex
+from environment.rewards import RewardKind, dcg_reward
 from evaluation.search import exact_topk
 
 Encoder = Callable[[list[str]], Tensor]  # texts -> unit-norm embeddings (direct mode, no grad)
@@ -24,93 +29,244 @@ Encoder = Callable[[list[str]], Tensor]  # texts -> unit-norm embeddings (direct
 
 @dataclass
 class RefreshPolicy:
-    """What a step re-encodes. ``top_l``: retrieved documents per rollout; ``neighbours``: nearest
-    documents of each refreshed one (0 = none); ``full_refresh_every``: steps between full refreshes
-    (None = never)."""
+    """What a step re-encodes.
+
+    Args:
+        top_l: retrieved documents per rollout embedding that are refreshed (and ranked for the reward).
+        include_positives: also refresh the labelled positives, so the reward's relevant documents are
+            always scored with current weights.
+        neighbours: nearest documents (by the index) of each touched one to refresh as well (0 = none).
+        full_refresh_every: steps between full refreshes (None = never).
+        drift_threshold: full refresh when the mean cosine distance between old and new vectors of the
+            documents a step re-encoded exceeds this (None = never): the refreshed set is a free sample
+            of how far the corpus has moved.
+    """
 
     top_l: int = 20
     include_positives: bool = True
     neighbours: int = 0
     full_refresh_every: int | None = None
+    drift_threshold: float | None = None
 
 
 @dataclass
 class RefreshStats:
+    """One refresh: what it cost and how stale the corpus is afterwards."""
+
     step: int
     reencoded: int
     fraction: float
     seconds: float
+    full: bool = False
+    drift: float | None = None  # mean 1 - cos(old, new) over the re-encoded documents that had a vector
     staleness: dict[int, int] = field(default_factory=dict)  # steps since encoding -> number of documents
+
+    def metrics(self, prefix: str = "env/") -> dict[str, float]:
+        """Flat scalars for a logger (``self.log_dict`` / MLflow)."""
+        total = sum(self.staleness.values()) or 1
+        ages = [age for age, n in self.staleness.items() for _ in range(n)]
+        out = {
+            "reencoded": float(self.reencoded), "reencoded_fraction": self.fraction,
+            "refresh_seconds": self.seconds, "full_refresh": float(self.full),
+            "staleness_mean": sum(ages) / total, "staleness_max": float(max(self.staleness, default=0)),
+            "fresh_fraction": self.staleness.get(0, 0) / total,
+        }
+        if self.drift is not None:
+            out["drift"] = self.drift
+        return {prefix + k: v for k, v in out.items()}
+
+
+@dataclass
+class FidelityProbe:
+    """How far the stale index's rankings are from a fully fresh one on held-out queries."""
+
+    step: int
+    top_overlap: float  # mean |stale top-k ∩ fresh top-k| / k
+    kendall_tau: float  # mean over queries, fresh top-k documents scored with stale vs fresh vectors
+    seconds: float
+
+    def metrics(self, prefix: str = "env/probe_") -> dict[str, float]:
+        return {prefix + "top_overlap": self.top_overlap, prefix + "kendall_tau": self.kendall_tau,
+                prefix + "seconds": self.seconds}
 
 
 class RetrievalEnvironment:
-    """Exact (matrix) index over ``texts`` with per-document versions.
+    """A versioned document index over ``texts``.
 
     Args:
         texts: document texts, position = document index.
-        encoder: direct-mode document encoder, called on lists of texts (batched by the caller's encoder).
+        encoder: direct-mode document encoder (no grad, batched by the caller's encoder).
         policy: the refresh policy.
+        index: search back end (exact by default; ``HNSWIndex`` for larger corpora).
+        doc_ids: optional ids of the documents, for ``positions``.
     """
 
-    def __init__(self, texts: Sequence[str], encoder: Encoder, policy: RefreshPolicy | None = None) -> None:
+    def __init__(self, texts: Sequence[str], encoder: Encoder, policy: RefreshPolicy | None = None,
+                 index: VectorIndex | None = None, doc_ids: Sequence[str] | None = None) -> None:
+        if not texts:
+            raise ValueError("the environment needs at least one document")
+        if doc_ids is not None and len(doc_ids) != len(texts):
+            raise ValueError(f"{len(doc_ids)} doc_ids for {len(texts)} texts")
         self.texts = list(texts)
         self.encoder = encoder
         self.policy = policy or RefreshPolicy()
+        self.index = index or ExactIndex()
+        self.doc_ids = list(doc_ids) if doc_ids is not None else None
+        self._position = {d: i for i, d in enumerate(self.doc_ids)} if self.doc_ids else {}
         self.vectors: Tensor | None = None
         self.versions = torch.full((len(self.texts),), -1, dtype=torch.long)
         self.step = 0
         self.history: list[RefreshStats] = []
+        self.probes: list[FidelityProbe] = []
 
     def __len__(self) -> int:
         return len(self.texts)
 
+    def positions(self, doc_ids: Sequence[str]) -> list[int]:
+        """Positions of known ``doc_ids``; unknown ids are left out (a qrel may name a capped-away document)."""
+        return [self._position[d] for d in doc_ids if d in self._position]
+
     def set_step(self, step: int) -> None:
         """The model changed (an optimizer step): every stored vector is now older than ``step``."""
+        if step < self.step:
+            raise ValueError(f"model versions only move forward: {step} < {self.step}")
         self.step = step
 
-    def refresh(self, indices: Tensor | Sequence[int]) -> RefreshStats:
-        """Re-encode ``indices`` with the current weights (those already at this version are skipped)."""
-        idx = torch.as_tensor(indices, dtype=torch.long).unique()
-        idx = idx[self.versions[idx] < self.step] if self.vectors is not None else torch.arange(len(self.texts))
-        start = time.perf_counter()
-        if idx.numel():
-            fresh = self.encoder([self.texts[i] for i in idx.tolist()]).float().cpu()
-            if self.vectors is None:
-                self.vectors = torch.empty((len(self.texts), fresh.shape[1]))
-            self.vectors[idx] = fresh
-            self.versions[idx] = self.step
-        ages = (self.step - self.versions).tolist()
-        stats = RefreshStats(self.step, int(idx.numel()), idx.numel() / len(self.texts),
-                             time.perf_counter() - start, dict(sorted(_count(ages).items())))
-        self.history.append(stats)
-        return stats
-
+    # ------------------------------------------------------------------ refresh
     def full_refresh(self) -> RefreshStats:
-        self.versions.fill_(-1)
-        return self.refresh(torch.arange(len(self.texts)))
+        """Encode every document with the current weights and rebuild the index."""
+        start = time.perf_counter()
+        self.vectors = self._encode(range(len(self.texts)))
+        self.versions.fill_(self.step)
+        self.index.reset(self.vectors)
+        return self._record(len(self.texts), time.perf_counter() - start, full=True)
 
-    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        if self.vectors is None:
-            raise RuntimeError("the environment has no vectors yet: call full_refresh() first")
-        return exact_topk(queries.float().cpu(), self.vectors, k)
+    def refresh(self, indices: Tensor | Sequence[int]) -> RefreshStats:
+        """Re-encode ``indices`` with the current weights; those already at this version are skipped."""
+        vectors = self._require()
+        idx = torch.as_tensor(indices, dtype=torch.long).unique()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= len(self.texts)):
+            raise IndexError(f"document positions must lie in [0, {len(self.texts)}), got {idx.min()}..{idx.max()}")
+        idx = idx[self.versions[idx] < self.step]
+        start = time.perf_counter()
+        drift = None
+        if idx.numel():
+            fresh = self._encode(idx.tolist())
+            drift = float((1 - (vectors[idx] * fresh).sum(-1)).mean())
+            vectors[idx] = fresh
+            self.versions[idx] = self.step
+            self.index.update(idx, fresh)
+        return self._record(int(idx.numel()), time.perf_counter() - start, drift=drift)
 
     def step_refresh(self, queries: Tensor, positives: Sequence[Sequence[int]]) -> RefreshStats:
         """Selective refresh for one RL step: what these rollout embeddings touch, per the policy."""
-        if self.policy.full_refresh_every and self.step % self.policy.full_refresh_every == 0:
+        self._require()
+        every = self.policy.full_refresh_every
+        if every and self.step % every == 0 and self.versions.min() < self.step:
             return self.full_refresh()
-        _, top = self.search(queries, self.policy.top_l)
+        _, top = self.index.search(queries, self.policy.top_l)
         touched = [top.flatten()]
         if self.policy.include_positives:
             touched += [torch.as_tensor(list(p), dtype=torch.long) for p in positives if len(p)]
         idx = torch.cat(touched).unique()
         if self.policy.neighbours:
-            _, near = exact_topk(self.vectors[idx], self.vectors, self.policy.neighbours + 1)
+            _, near = self.index.search(self.vectors[idx], self.policy.neighbours + 1)
             idx = torch.cat([idx, near.flatten()]).unique()
-        return self.refresh(idx)
+        stats = self.refresh(idx)
+        if self.policy.drift_threshold is not None and stats.drift is not None \
+                and stats.drift > self.policy.drift_threshold:
+            full = self.full_refresh()
+            full.reencoded += stats.reencoded
+            full.seconds += stats.seconds
+            full.fraction = full.reencoded / len(self.texts)
+            full.drift = stats.drift
+            return full
+        return stats
 
+    # ------------------------------------------------------------------ search and reward
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        self._require()
+        return self.index.search(queries, k)
 
-def _count(values: list[int]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
+    def candidates(self, queries: Tensor, positives: Sequence[Sequence[int]], depth: int | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per query embedding: its top-``depth`` (default ``policy.top_l``) ∪ its positives.
+
+        Returns ``(indices [R, C], valid [R, C], relevant [R, C])``; rows are padded to the widest set
+        (padding has ``valid`` False and index 0).
+        """
+        self._require()
+        if len(positives) != queries.shape[0]:
+            raise ValueError(f"{len(positives)} positive lists for {queries.shape[0]} queries")
+        _, top = self.index.search(queries, depth or self.policy.top_l)
+        pos = [torch.as_tensor(list(p), dtype=torch.long) for p in positives]
+        sets = [torch.cat([t, p]).unique() for t, p in zip(top, pos)]
+        width = max(c.numel() for c in sets)
+        indices = torch.zeros((len(sets), width), dtype=torch.long)
+        valid = torch.zeros((len(sets), width), dtype=torch.bool)
+        relevant = torch.zeros((len(sets), width), dtype=torch.bool)
+        for r, (c, p) in enumerate(zip(sets, pos)):
+            indices[r, : c.numel()] = c
+            valid[r, : c.numel()] = True
+            relevant[r, : c.numel()] = torch.isin(c, p)
+        return indices, valid, relevant
+
+    def reward(self, queries: Tensor, positives: Sequence[Sequence[int]], k: int = 10,
+               kind: RewardKind = "ndcg", valid: Tensor | None = None, failure_reward: float = 0.0) -> Tensor:
+        """Ranking reward per query embedding, over candidates = its top-L ∪ its positives.
+
+        With ``top_l >= k`` this equals the reward over the whole (current) index: any document that
+        outranks a positive inside the top-k is in the top-L. Rows with ``valid`` False (no embedding:
+        a format failure) get ``failure_reward``.
+        """
+        indices, ok, relevant = self.candidates(queries, positives, max(self.policy.top_l, k))
+        q = queries.detach().float().cpu()
+        scores = torch.einsum("rcd,rd->rc", self.vectors[indices], q).masked_fill(~ok, float("-inf"))
+        out = dcg_reward(scores, relevant & ok, k=k, kind=kind)
+        if valid is not None:
+            out = torch.where(valid.cpu().bool(), out, torch.full_like(out, failure_reward))
+        return out
+
+    # ------------------------------------------------------------------ telemetry
+    def fidelity_probe(self, queries: Tensor, k: int = 10, fresh: Tensor | None = None) -> FidelityProbe:
+        """Compare the stale index with a fully fresh encode on ``queries`` (held out from training).
+
+        This encodes the whole corpus (unless the caller already has current vectors: ``fresh``), so
+        run it every K steps, not every step; the fresh vectors are discarded so the probe does not
+        change what training sees.
+        """
+        self._require()
+        start = time.perf_counter()
+        fresh = self._encode(range(len(self.texts))) if fresh is None else fresh.float().cpu()
+        q = queries.detach().float().cpu()
+        _, stale_top = self.index.search(q, k)
+        fresh_scores, fresh_top = exact_topk(q, fresh, k)
+        overlap = [len(set(a.tolist()) & set(b.tolist())) / fresh_top.shape[1] for a, b in zip(stale_top, fresh_top)]
+        taus = []
+        for r in range(q.shape[0]):
+            stale_scores = self.vectors[fresh_top[r]] @ q[r]
+            tau = kendalltau(stale_scores.numpy(), fresh_scores[r].numpy()).statistic
+            if tau == tau:  # NaN when a score vector is constant
+                taus.append(float(tau))
+        probe = FidelityProbe(self.step, sum(overlap) / len(overlap), sum(taus) / len(taus) if taus else float("nan"),
+                              time.perf_counter() - start)
+        self.probes.append(probe)
+        return probe
+
+    def staleness(self) -> dict[int, int]:
+        """Histogram: steps since encoding -> number of documents."""
+        return dict(sorted(Counter((self.step - self.versions).tolist()).items()))
+
+    # ------------------------------------------------------------------ internals
+    def _encode(self, positions: Sequence[int] | range) -> Tensor:
+        return self.encoder([self.texts[i] for i in positions]).detach().float().cpu()
+
+    def _require(self) -> Tensor:
+        if self.vectors is None:
+            raise RuntimeError("the environment has no vectors yet: call full_refresh() first")
+        return self.vectors
+
+    def _record(self, n: int, seconds: float, full: bool = False, drift: float | None = None) -> RefreshStats:
+        stats = RefreshStats(self.step, n, n / len(self.texts), seconds, full, drift, self.staleness())
+        self.history.append(stats)
+        return stats

@@ -27,7 +27,15 @@ class ResultRow:
     wall_time_s: float
     device: str = "cpu"
     documents_from_cache: bool = False  # wall time then excludes encoding the corpus
+    trained_on: list[str] | None = None  # datasets whose train split the model was fitted on
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
+
+    @property
+    def protocol(self) -> str | None:
+        """``in-domain`` (trained on this dataset's train split), ``cross-domain``, or None (not ours)."""
+        if not self.trained_on:
+            return None
+        return "in-domain" if self.dataset in self.trained_on else "cross-domain"
 
     @property
     def label(self) -> str:
@@ -41,6 +49,8 @@ class ResultRow:
         out.update({"num_queries": self.num_queries, "num_docs": self.num_docs, "corpus_size": self.corpus_size,
                     "command": self.command, "wall_time_s": self.wall_time_s,
                     "documents_from_cache": self.documents_from_cache, "device": self.device, "date": self.date})
+        if self.trained_on:
+            out.update({"trained_on": self.trained_on, "protocol": self.protocol})
         return out
 
 

@@ -55,23 +55,31 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _trained(row: dict[str, Any]) -> str:
+    if not row.get("trained_on"):
+        return "–"
+    return f"{'+'.join(row['trained_on'])} train ({row.get('protocol', '?')})"
+
+
 def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") -> str:
     lines = [
         "# Measured retrieval results",
         "",
         f"Generated from `{source}`; do not edit by hand. Each row names the command that produced it.",
         "A row whose `docs` is smaller than the corpus was run on a capped corpus (fewer distractors,",
-        "so its scores are higher than a full-corpus run would give).",
+        "so its scores are higher than a full-corpus run would give). `trained on` names the train splits",
+        "an adapter was fitted on: *in-domain* rows share the corpus (not BEIR's zero-shot protocol),",
+        "*cross-domain* rows do not.",
         "",
-        "| dataset | split | retriever | mode | checkpoint | nDCG@10 | R@100 | RR@10 | queries | docs | wall time (s) | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | split | retriever | mode | checkpoint | trained on | nDCG@10 | R@100 | RR@10 | queries | docs | wall time (s) | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         docs = _fmt(r.get("num_docs"))
         if r.get("corpus_size") and r.get("num_docs") != r.get("corpus_size"):
             docs += f" of {r['corpus_size']}"
         cells = [
-            r["dataset"], r["split"], r["retriever"], _fmt(r["mode"]), _fmt(r["checkpoint"]),
+            r["dataset"], r["split"], r["retriever"], _fmt(r["mode"]), _fmt(r["checkpoint"]), _trained(r),
             _fmt(r["nDCG@10"]), _fmt(r["R@100"]), _fmt(r["RR@10"]), _fmt(r.get("num_queries")), docs,
             f"{r['wall_time_s']:.0f}" + (" (docs cached)" if r.get("documents_from_cache") else ""),
             f"`{r['command']}`",

@@ -28,9 +28,13 @@ class Retriever(nn.Module):
 
     dense: bool = True
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, trained_on: list[str] | None = None) -> None:
         super().__init__()
         self.name = name
+        # Datasets whose train split the model was fitted on: a result row on one of them is in-domain
+        # (disjoint queries, same corpus), on any other cross-domain. Declared in YAML, because an
+        # adapter does not know what a reader will compare it with.
+        self.trained_on = list(trained_on) if trained_on else None
 
     @property
     def modes(self) -> list[str | None]:
@@ -56,8 +60,9 @@ class DenseRetriever(Retriever):
 class EmbeddingLMRetriever(DenseRetriever):
     """The search-r3 wrapper; documents in direct mode, queries in each of ``modes``."""
 
-    def __init__(self, encoder: EmbeddingLM, name: str = "smollm2-untrained", modes: list[Mode] | None = None) -> None:
-        super().__init__(name)
+    def __init__(self, encoder: EmbeddingLM, name: str = "smollm2-untrained", modes: list[Mode] | None = None,
+                 trained_on: list[str] | None = None) -> None:
+        super().__init__(name, trained_on)
         self.encoder = encoder
         self._modes: list[Mode] = list(modes) if modes else ["direct"]
 

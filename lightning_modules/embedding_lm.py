@@ -309,6 +309,11 @@ class EmbeddingLM(nn.Module):
                 out[idx] = self.embed_at_token(ids, mask).cpu()
         return out
 
+    def embed(self, texts: Sequence[str], side: Side = "query") -> Tensor:
+        """Differentiable direct-mode embeddings of one small batch (training): no sorting, no chunking,
+        the graph kept. :meth:`encode` is the no-grad path for corpora."""
+        return self.embed_at_token(*self.pad(self.direct_prompt_ids(texts, side)))
+
     def encode_documents(self, texts: Sequence[str], batch_size: int | None = None) -> Tensor:
         """Documents are always embedded in direct mode (the paper's corpus is pre-encoded)."""
         return self.encode(texts, "document", batch_size)

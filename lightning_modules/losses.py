@@ -63,6 +63,65 @@ def token_kl(policy_logits: Tensor, reference_logits: Tensor, mask: Tensor) -> T
     return (logp.exp() * (logp - logq)).sum(-1).mean()
 
 
+def multi_positive_info_nce(queries: Tensor, candidates: Tensor, relevant: Tensor, valid: Tensor, tau: float = 0.05,
+                            weights: Tensor | None = None) -> Tensor:
+    """InfoNCE against each row's own candidate set, with every relevant candidate in the numerator.
+
+    Stage 2 scores each rollout embedding against the environment's candidates of *its* query (top-L
+    plus positives), so candidate sets differ per row and a query may have several positives:
+    ``-log(sum_pos exp(s/τ) / sum_valid exp(s/τ))``. Rows without a relevant candidate are skipped.
+
+    Args:
+        queries: ``[R, d]`` unit-norm embeddings (with grad).
+        candidates: ``[R, C, d]`` unit-norm document vectors (usually detached environment vectors).
+        relevant / valid: ``[R, C]`` bool masks (``valid`` False marks padding).
+        weights: optional ``[R]`` non-negative row weights (e.g. positive advantages); normalised to sum 1.
+    """
+    logits = torch.einsum("rd,rcd->rc", queries, candidates.to(queries.dtype)) / tau
+    logits = logits.masked_fill(~valid, float("-inf"))
+    numerator = logits.masked_fill(~(relevant & valid), float("-inf")).logsumexp(1)
+    has_positive = (relevant & valid).any(1)
+    per_row = (logits.logsumexp(1) - numerator).masked_fill(~has_positive, 0.0)
+    w = has_positive.float() if weights is None else weights.float() * has_positive
+    if float(w.sum()) == 0.0:
+        return queries.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) intact
+    return (per_row * w).sum() / w.sum()
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO advantages: each reward minus its group's mean, divided by the group's std when ``scale``.
+
+    Groups are consecutive runs of ``group_size`` rows (the rollouts of one query). A group whose
+    rewards are all equal gets advantage 0 exactly: it carries no signal about which rollout was
+    better (the known failure of rank rewards, logged by the RL module).
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    centred = r - r.mean(1, keepdim=True)
+    if scale and group_size > 1:
+        centred = centred / (r.std(1, keepdim=True) + eps)
+    return centred.flatten()
+
+
+def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2) -> Tensor:
+    """PPO-clip surrogate on sampled tokens, as GRPO uses it: per-sequence mean over its tokens, then
+    the mean over sequences (every trajectory weighs the same, whatever its length).
+
+    Args:
+        logp / old_logp: ``[R, T]`` log-probabilities of the sampled tokens under the current policy
+            and the one that sampled them (equal on the first update of a batch: ratio 1).
+        advantages: ``[R]``.
+        mask: ``[R, T]`` True on sampled response tokens; prompt tokens, padding and text appended
+            by the format fix-up are False, so they get no gradient.
+    """
+    ratio = torch.exp((logp - old_logp).masked_fill(~mask, 0.0))
+    a = advantages[:, None].to(logp.dtype)
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a).masked_fill(~mask, 0.0)
+    per_sequence = surrogate.sum(1) / mask.sum(1).clamp(min=1)
+    return -per_sequence.mean()
+
+
 class _RandomState:
     """Captures CPU/CUDA RNG state so a chunk can be re-embedded with identical dropout masks."""
 

@@ -19,16 +19,12 @@ parameters (LoRA + token row), and the best adapter by validation nDCG@10 is sav
 
 from __future__ import annotations
 
-import logging
-import math
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 
-from evaluation.dense_eval import EmbeddingStore, ordered, score_task
+from lightning_modules.adapter_training import AdapterTrainingModule
 from lightning_modules.embedding_lm import EmbeddingLM
 from lightning_modules.losses import (
     cached_embedding_loss,
@@ -38,57 +34,31 @@ from lightning_modules.losses import (
     triplet_margin_loss,
 )
 
-log = logging.getLogger(__name__)
 
 
-class SFTContrastiveModule(L.LightningModule):
+class SFTContrastiveModule(AdapterTrainingModule):
     """Args:
         encoder: the shared wrapper, with ``lora`` set (only LoRA + the token row train).
         lm_weight / kl_weight / nce_weight / triplet_weight: loss weights (1, 1, 1, 1 = the paper's sum).
         tau: InfoNCE temperature (0.05: common for LLM embedders; the paper's value is unknown).
         margin: triplet margin on the cosine distance (0.2).
         cached: GradCache for the embedding losses; ``chunk_size`` rows per re-embedding chunk.
-        lr / weight_decay / warmup_steps: AdamW with linear warm-up then linear decay to 0 at
-            ``trainer.max_steps``.
-        gradient_clip: max global grad norm (manual optimisation clips here, not in the Trainer).
-        adapter_dir: where ``best/`` and ``last/`` adapters are written.
+        lr / weight_decay / warmup_steps / gradient_clip / adapter_dir: see :class:`AdapterTrainingModule`.
     """
 
     def __init__(self, encoder: EmbeddingLM, lm_weight: float = 1.0, kl_weight: float = 1.0, nce_weight: float = 1.0,
                  triplet_weight: float = 1.0, tau: float = 0.05, margin: float = 0.2, cached: bool = False,
                  chunk_size: int = 8, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 10,
                  gradient_clip: float = 1.0, adapter_dir: str = "runs/sft/adapter") -> None:
-        super().__init__()
-        if encoder.lora is None:
-            raise ValueError("SFTContrastiveModule trains LoRA adapters: give the encoder `lora` settings")
-        self.encoder = encoder
+        super().__init__(encoder, lr, weight_decay, warmup_steps, gradient_clip, adapter_dir)
         self.weights = {"lm": lm_weight, "kl": kl_weight, "nce": nce_weight, "triplet": triplet_weight}
         self.tau, self.margin, self.cached, self.chunk_size = tau, margin, cached, chunk_size
-        self.lr, self.weight_decay, self.warmup_steps, self.gradient_clip = lr, weight_decay, warmup_steps, gradient_clip
-        self.adapter_dir = Path(adapter_dir)
-        self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints hold the trainable parameters only
-        self.store = EmbeddingStore()
-        self.best_ndcg = -math.inf
-        self.encoder.train()  # from_pretrained leaves the model in eval mode: LoRA dropout would be off
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "collator"):
             datamodule.collator.encoder = self.encoder  # tokenise with exactly the model's prompts
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        total = max(int(self.trainer.max_steps), 1) if self.trainer.max_steps and self.trainer.max_steps > 0 else 1000
-
-        def schedule(step: int) -> float:
-            if step < self.warmup_steps:
-                return (step + 1) / self.warmup_steps
-            return max(0.0, (total - step) / max(total - self.warmup_steps, 1))
-
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule)}
 
     # ------------------------------------------------------------------ losses
     def _lm_and_kl(self, side: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -118,9 +88,7 @@ class SFTContrastiveModule(L.LightningModule):
         return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        opt.zero_grad()
+        self.optimizers().zero_grad()
         k = batch["num_negatives"]
         if self.cached:
             terms = self._cached_step(batch, k)
@@ -131,15 +99,11 @@ class SFTContrastiveModule(L.LightningModule):
             terms.update(self._embedding_losses(q, d, k))
             total = sum(self.weights[name] * value for name, value in terms.items())
             self.manual_backward(total)
-        if self.gradient_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        sched.step()
+        self.optimizer_step_now()
         terms = {name: value.detach() for name, value in terms.items()}
         total = sum(self.weights[name] * float(value) for name, value in terms.items())
         self.log_dict({f"train/{name}": float(v) for name, v in terms.items()}, batch_size=len(batch["queries"]["input_ids"]))
         self.log("train/loss", total, prog_bar=True, batch_size=len(batch["queries"]["input_ids"]))
-        self.log("train/lr", sched.get_last_lr()[0])
         return torch.tensor(total)
 
     def _cached_step(self, batch: dict[str, Any], k: int) -> dict[str, Tensor]:
@@ -167,39 +131,3 @@ class SFTContrastiveModule(L.LightningModule):
 
         cached_embedding_loss(embed, chunks, loss_fn, backward=self.manual_backward)
         return {"lm": torch.tensor(lm_sum / n_total), "kl": torch.tensor(kl_sum / n_total), **parts}
-
-    # ------------------------------------------------------------------ validation
-    def on_validation_epoch_start(self) -> None:
-        self.store.clear()
-
-    def validation_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
-        task, kind, texts = batch["task"][0], batch["kind"][0], batch["text"]
-        side = "document" if kind == "document" else "query"
-        self.store.add((task, kind), batch["index"], self.encoder.encode(texts, side))
-
-    def on_validation_epoch_end(self) -> None:
-        tasks = self.trainer.datamodule.validation.tasks
-        scores = []
-        for task in tasks:
-            docs = ordered(*self.store.stacked((task.name, "document")), task.num_docs, f"{task.name} documents")
-            queries = ordered(*self.store.stacked((task.name, "query")), len(task.queries), f"{task.name} queries")
-            metrics, _ = score_task(task, docs, queries, top_k=100, measures=["nDCG@10"])
-            self.log(f"val/{task.name}/nDCG_at_10", metrics["nDCG@10"], add_dataloader_idx=False)
-            scores.append(metrics["nDCG@10"])
-        mean = sum(scores) / len(scores)
-        self.log("val/nDCG_at_10", mean, prog_bar=True, add_dataloader_idx=False)
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self.encoder.save(self.adapter_dir / "last")
-            if mean > self.best_ndcg:
-                self.best_ndcg = mean
-                self.encoder.save(self.adapter_dir / "best")
-                log.info("new best validation nDCG@10 %.4f: adapter saved to %s", mean, self.adapter_dir / "best")
-
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["best_ndcg"] = self.best_ndcg
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.best_ndcg = checkpoint.get("best_ndcg", -math.inf)

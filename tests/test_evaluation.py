@@ -84,7 +84,7 @@ def test_results_record_upserts_and_renders(tmp_path: Path) -> None:
     rows = json.loads(path.read_text())
     assert len(rows) == 2 and {r["retriever"]: r["nDCG@10"] for r in rows} == {"bm25": 0.6, "minilm": 0.5}
     md = path.with_suffix(".md").read_text()
-    assert "| scifact | test | bm25 | – | – | 0.6000 |" in md and "`search-r3 test`" in md
+    assert "| scifact | test | bm25 | – | – | – | 0.6000 |" in md and "`search-r3 test`" in md
     with pytest.raises(ValueError, match="lacks"):
         record_rows([{"retriever": "x"}], path)
 
@@ -137,3 +137,20 @@ def test_compare_gathers_runs_into_one_table(tmp_path: Path) -> None:
     table = out.read_text()
     assert "| bm25 (first) | " in table and "| bm25 (second) | " in table  # same system, two runs: both kept
     assert "| minilm.direct | 0.3200 | 0.6400 | 0.4800 |" in table
+
+
+def test_rows_say_whether_an_adapter_was_trained_on_the_dataset(tmp_path: Path) -> None:
+    from evaluation.report import ResultRow
+
+    def row(dataset: str, trained_on: list[str] | None) -> dict:
+        return ResultRow(retriever="smollm2-sft", mode="direct", checkpoint="runs/sft/adapter/best", dataset=dataset,
+                         split="test", metrics={"nDCG@10": 0.5, "R@100": 0.9, "RR@10": 0.5}, num_queries=3, num_docs=10,
+                         corpus_size=10, command="search-r3 test", wall_time_s=1.0, trained_on=trained_on).record()
+
+    path = record_rows([row("scifact", ["scifact"]), row("nfcorpus", ["scifact"]), row("trec-covid", None)],
+                       tmp_path / "results.json")
+    rows = {r["dataset"]: r for r in json.loads(path.read_text())}
+    assert rows["scifact"]["protocol"] == "in-domain" and rows["nfcorpus"]["protocol"] == "cross-domain"
+    assert "protocol" not in rows["trec-covid"]
+    md = path.with_suffix(".md").read_text()
+    assert "scifact train (in-domain)" in md and "scifact train (cross-domain)" in md

@@ -71,14 +71,23 @@ def test_cached_step_equals_plain_step(tiny_lm_dir: Path, mini_train_root: Path,
         torch.testing.assert_close(results[1][name], results[0][name], atol=1e-5, rtol=1e-4)
 
 
+class _StopAfterEpoch(L.Callback):
+    """An interruption at the first epoch boundary, after its checkpoint is written."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.should_stop = True
+
+
 def test_resume_reaches_the_uninterrupted_state(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path) -> None:
     data_kw = {"max_rows": 8}  # 2 batches an epoch: checkpoints fall on epoch boundaries
     straight = _module(tiny_lm_dir, tmp_path / "a")
     _trainer(tmp_path / "a", max_epochs=2, max_steps=-1, limit_val_batches=0).fit(
         straight, datamodule=_data(mini_train_root, **data_kw))
     first = _module(tiny_lm_dir, tmp_path / "b")
-    trainer = _trainer(tmp_path / "b", max_epochs=1, max_steps=-1, limit_val_batches=0)
+    # The interrupted run has the *same* configuration (its LR schedule spans both epochs) and stops after one.
+    trainer = _trainer(tmp_path / "b", max_epochs=2, max_steps=-1, limit_val_batches=0, callbacks=[_StopAfterEpoch()])
     trainer.fit(first, datamodule=_data(mini_train_root, **data_kw))
+    assert trainer.current_epoch == 1
     ckpt = next((tmp_path / "b").rglob("*.ckpt"))
     assert ckpt.stat().st_size < 2_000_000  # trainable parameters only
     resumed = _module(tiny_lm_dir, tmp_path / "c")

@@ -41,6 +41,16 @@ def test_sampler_never_repeats_a_query_or_document_and_yields_every_row_once(nfc
     assert next(iter(sampler)) == first
 
 
+def test_sampler_length_counts_the_extra_batches_that_clashes_cause() -> None:
+    # Five rows share document "d": each needs its own batch, so len() must be 5, not ceil(6 / 3) = 2.
+    keys = [{"q0", "d"}, {"q1", "d"}, {"q2", "d"}, {"q3", "d"}, {"q4", "d"}, {"q5", "e"}]
+    for epoch in range(3):
+        sampler = NoDuplicatesBatchSampler(keys, batch_size=3, seed=0)
+        sampler.set_epoch(epoch)
+        assert len(sampler) == len(list(sampler)) == 5
+    assert len(NoDuplicatesBatchSampler(keys, batch_size=3, drop_last=True)) == 0  # first batch is short
+
+
 def test_bad_rows_name_their_line(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     path.write_text('{"query_id": "q1", "query": "ok", "pos_id": "d1"}\n{"query_id": "q2", "query": " ", "pos_id": "d2"}\n')

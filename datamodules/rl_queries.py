@@ -1,0 +1,102 @@
+"""``RLQueryDataModule``: Stage-2 batches of training queries with their positive document ids, and the
+corpus the RL environment embeds.
+
+RL needs no negatives (the environment ranks the whole corpus) and no tokenisation here (the module
+samples reasoning from the raw query text), so a batch is plain lists. The corpus is the dataset's
+BEIR corpus, optionally capped (every document judged for a training query is kept, so no positive is
+lost). Validation mirrors Stage 1: the first ``val_queries`` *train* queries are held out from training
+and retrieved against a capped corpus, so model selection never sees a test query.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.beir import BEIRDataModule, RetrievalTask
+from datamodules.beir_files import DataFormatError
+
+log = logging.getLogger(__name__)
+
+
+class QueryPositives(Dataset):
+    def __init__(self, task: RetrievalTask, query_ids: list[str]) -> None:
+        self.task, self.query_ids = task, query_ids
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        qid = self.query_ids[i]
+        return {"query_id": qid, "query": self.task.queries[qid],
+                "positives": [d for d, grade in self.task.qrels[qid].items() if grade > 0]}
+
+
+def collate_lists(items: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {key: [it[key] for it in items] for key in items[0]}
+
+
+class RLQueryDataModule(L.LightningDataModule):
+    """Args:
+        data_root: folder holding the BEIR datasets.
+        dataset: one BEIR folder relative to ``data_root`` (the environment indexes one corpus).
+        split: qrels split the training queries come from.
+        max_corpus_docs: cap on the environment's corpus (judged documents of the split always kept).
+        max_queries: cap on training queries after the hold-out (quick runs).
+        batch_size: queries per step (each is sampled ``group_size`` times by the module).
+        val_queries / val_corpus_docs: size of the held-out validation task.
+        seed: shuffling seed.
+    """
+
+    def __init__(self, data_root: str = "../shared/data", dataset: str = "beir/scifact", split: str = "train",
+                 max_corpus_docs: int | None = None, max_queries: int | None = None, batch_size: int = 2,
+                 val_queries: int = 50, val_corpus_docs: int = 500, seed: int = 0) -> None:
+        super().__init__()
+        self.data_root = Path(data_root)
+        self.dataset, self.split = dataset, split
+        self.max_corpus_docs, self.max_queries = max_corpus_docs, max_queries
+        self.batch_size, self.val_queries, self.val_corpus_docs, self.seed = batch_size, val_queries, val_corpus_docs, seed
+        self.task: RetrievalTask | None = None
+        self.train_query_ids: list[str] = []
+        self.corpus_texts: list[str] = []
+        self.validation: BEIRDataModule | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.task is not None:
+            return
+        self.validation = BEIRDataModule(data_root=str(self.data_root), datasets=[self.dataset], split=self.split,
+                                         max_queries=self.val_queries, max_corpus_docs=self.val_corpus_docs)
+        self.validation.setup("validate")
+        held_out = {q for task in self.validation.tasks for q in task.queries}
+        self.task = BEIRDataModule(data_root=str(self.data_root), split=self.split,
+                                   max_corpus_docs=self.max_corpus_docs).load_task(self.data_root / self.dataset)
+        ids = [q for q in self.task.queries if q not in held_out and
+               any(g > 0 for g in self.task.qrels[q].values())]
+        random.Random(self.seed).shuffle(ids)
+        self.train_query_ids = ids[: self.max_queries] if self.max_queries else ids
+        if not self.train_query_ids:
+            raise DataFormatError(f"{self.data_root / self.dataset}: no training query with a positive is left after "
+                                  f"holding out {len(held_out)} for validation")
+        self.corpus_texts = self.task.load_texts()
+        log.info("%s/%s: %d training queries, environment corpus of %d documents%s", self.task.name, self.split,
+                 len(self.train_query_ids), len(self.corpus_texts), " (capped)" if self.task.capped else "")
+
+    @property
+    def corpus_ids(self) -> list[str]:
+        assert self.task is not None, "call setup() first"
+        return self.task.doc_ids
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.task is not None, "call setup() first"
+        # Lightning re-seeds through seed_everything; the sampler's shuffle follows it.
+        return DataLoader(QueryPositives(self.task, self.train_query_ids), batch_size=self.batch_size, shuffle=True,
+                          collate_fn=collate_lists)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        assert self.validation is not None, "call setup() first"
+        return self.validation.val_dataloader()

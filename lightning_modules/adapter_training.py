@@ -1,0 +1,126 @@
+"""``AdapterTrainingModule``: what Stage 1 (SFT) and Stage 2 (RL) share around the one ``EmbeddingLM``.
+
+Both stages train LoRA + the embed-token row with manual optimisation, select the adapter by held-out
+nDCG@10, save it where ``search-r3 test`` loads it (``EmbeddingLM(adapter=...)``) and keep only the
+trainable parameters in checkpoints. Keeping that here means the two stage modules hold only their
+losses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from evaluation.dense_eval import EmbeddingStore, ordered, score_task
+from lightning_modules.embedding_lm import EmbeddingLM, Mode
+
+log = logging.getLogger(__name__)
+
+
+class AdapterTrainingModule(L.LightningModule):
+    """Args:
+        encoder: the shared wrapper, with ``lora`` set (only LoRA + the token row train).
+        lr / weight_decay / warmup_steps: AdamW with linear warm-up, then linear decay to 0 where
+            training ends (Lightning's ``estimated_stepping_batches``).
+        gradient_clip: max global grad norm (manual optimisation clips here, not in the Trainer).
+        adapter_dir: where ``best/`` and ``last/`` adapters are written.
+        val_modes: query modes scored at validation; the first selects the best adapter and is
+            logged as ``val/nDCG_at_10``.
+    """
+
+    def __init__(self, encoder: EmbeddingLM, lr: float, weight_decay: float, warmup_steps: int, gradient_clip: float,
+                 adapter_dir: str, val_modes: Sequence[Mode] = ("direct",)) -> None:
+        super().__init__()
+        if encoder.lora is None:
+            raise ValueError(f"{type(self).__name__} trains LoRA adapters: give the encoder `lora` settings "
+                             "(or an `adapter` trained with LoRA)")
+        if not val_modes:
+            raise ValueError("val_modes needs at least one mode")
+        self.encoder = encoder
+        self.lr, self.weight_decay, self.warmup_steps, self.gradient_clip = lr, weight_decay, warmup_steps, gradient_clip
+        self.adapter_dir = Path(adapter_dir)
+        self.val_modes = list(val_modes)
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the trainable parameters only
+        self.store = EmbeddingStore()
+        self.best_ndcg = -math.inf
+        self.encoder.train()  # from_pretrained leaves the model in eval mode: LoRA dropout would be off
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        # Lightning's own count (max_steps, or epochs x batches, over devices and accumulation): the linear
+        # decay ends where training does.
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = self.warmup_steps
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (total - step) / max(total - warmup, 1))
+
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule)}
+
+    def optimizer_step_now(self) -> None:
+        """Clip, step and advance the schedule after the stage's own ``manual_backward`` calls."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        if self.gradient_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        self.log("train/lr", sched.get_last_lr()[0])
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self.store.clear()
+
+    def validation_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
+        task, kind, texts = batch["task"][0], batch["kind"][0], batch["text"]
+        if kind == "document":
+            self.store.add((task, kind, "direct"), batch["index"], self.encoder.encode(texts, "document"))
+            return
+        for mode in self.val_modes:
+            self.store.add((task, kind, mode), batch["index"], self.encoder.encode_queries(texts, mode))
+
+    def on_validation_epoch_end(self) -> None:
+        tasks = self.trainer.datamodule.validation.tasks
+        means: dict[str, float] = {}
+        for mode in self.val_modes:
+            scores = []
+            for task in tasks:
+                docs = ordered(*self.store.stacked((task.name, "document", "direct")), task.num_docs,
+                               f"{task.name} documents")
+                queries = ordered(*self.store.stacked((task.name, "query", mode)), len(task.queries),
+                                  f"{task.name} queries")
+                metrics, _ = score_task(task, docs, queries, top_k=100, measures=["nDCG@10"])
+                self.log(f"val/{task.name}/{mode}/nDCG_at_10", metrics["nDCG@10"], add_dataloader_idx=False)
+                if mode == self.val_modes[0]:
+                    self.log(f"val/{task.name}/nDCG_at_10", metrics["nDCG@10"], add_dataloader_idx=False)
+                scores.append(metrics["nDCG@10"])
+            means[mode] = sum(scores) / len(scores)
+            self.log(f"val/{mode}/nDCG_at_10", means[mode], add_dataloader_idx=False)
+        mean = means[self.val_modes[0]]
+        self.log("val/nDCG_at_10", mean, prog_bar=True, add_dataloader_idx=False)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.encoder.save(self.adapter_dir / "last")
+            if mean > self.best_ndcg:
+                self.best_ndcg = mean
+                self.encoder.save(self.adapter_dir / "best")
+                log.info("new best validation nDCG@10 %.4f (%s): adapter saved to %s", mean, self.val_modes[0],
+                         self.adapter_dir / "best")
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["best_ndcg"] = self.best_ndcg
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best_ndcg = checkpoint.get("best_ndcg", -math.inf)
