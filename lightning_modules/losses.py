@@ -141,6 +141,7 @@ def cached_embedding_loss(
     chunks: Sequence[object],
     loss_on_embeddings: Callable[[Tensor], Tensor],
     backward: Callable[[Tensor], None] = Tensor.backward,
+    embed_with_loss: Callable[[object], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GradCache: any loss over a big batch of embeddings, with activation memory of one chunk.
 
@@ -149,6 +150,10 @@ def cached_embedding_loss(
     cached embedding gradients into the model. Dropout masks are replayed from the RNG state of step 1,
     so the gradients equal those of the plain loss. ``backward`` is ``LightningModule.manual_backward``
     under Lightning (precision plugins, DDP), ``Tensor.backward`` otherwise.
+
+    ``embed_with_loss`` (optional) replaces ``embed`` in step 3 and also returns a per-chunk loss that
+    only needs that chunk (Stage 1's LM and KL terms): it rides on the same forward and backward
+    instead of costing its own.
 
     Returns the loss and all embeddings (both detached), rows in chunk order.
     """
@@ -163,7 +168,11 @@ def cached_embedding_loss(
     grads = cached.grad.split([r.shape[0] for r in reps])
     for chunk, state, grad in zip(chunks, states, grads):
         state.restore()
-        backward((embed(chunk) * grad).sum())
+        if embed_with_loss is None:
+            backward((embed(chunk) * grad).sum())
+        else:
+            emb, chunk_loss = embed_with_loss(chunk)
+            backward((emb * grad).sum() + chunk_loss)
     return loss.detach(), cached.detach()
 
 

@@ -199,7 +199,9 @@ class RLModule(AdapterTrainingModule):
         }
         metrics.update(stats.metrics("env/"))
         self.log_dict(metrics, batch_size=n)
-        self.log("train/reward", metrics["train/reward_mean"], prog_bar=True, batch_size=n)
+        # Also averaged per epoch: with a few queries per step the step values are noisy, the epoch
+        # mean over the same queries shows whether the reward rises.
+        self.log("train/reward", metrics["train/reward_mean"], prog_bar=True, batch_size=n, on_step=True, on_epoch=True)
 
     def _probe(self) -> None:
         dm = self.trainer.datamodule

@@ -107,17 +107,13 @@ class SFTContrastiveModule(AdapterTrainingModule):
         return torch.tensor(total)
 
     def _cached_step(self, batch: dict[str, Any], k: int) -> dict[str, Tensor]:
-        """LM + KL chunk by chunk (their own backward), then the embedding losses through GradCache."""
+        """Embedding losses through GradCache; the LM and KL terms of each chunk ride on its re-embedding
+        forward (one graph pass per chunk, not two)."""
         sides = [batch["queries"], batch["documents"]]
         chunks = [{key: v[i : i + self.chunk_size] for key, v in side.items()}
                   for side in sides for i in range(0, side["input_ids"].shape[0], self.chunk_size)]
         n_total = sum(int(c["response_mask"].sum()) for c in chunks)
-        lm_sum = kl_sum = 0.0
-        for c in chunks:  # token-weighted, so the sum equals the full-batch token mean
-            _, lm, kl, n = self._lm_and_kl(c)
-            self.manual_backward((self.weights["lm"] * lm + self.weights["kl"] * kl) * (n / n_total))
-            lm_sum += float(lm) * n
-            kl_sum += float(kl) * n
+        sums = {"lm": 0.0, "kl": 0.0}
         b = batch["queries"]["input_ids"].shape[0]
         parts: dict[str, Tensor] = {}
 
@@ -129,5 +125,12 @@ class SFTContrastiveModule(AdapterTrainingModule):
         def embed(chunk: dict[str, Tensor]) -> Tensor:
             return self.encoder.embed_at_token(chunk["input_ids"], chunk["attention_mask"])
 
-        cached_embedding_loss(embed, chunks, loss_fn, backward=self.manual_backward)
-        return {"lm": torch.tensor(lm_sum / n_total), "kl": torch.tensor(kl_sum / n_total), **parts}
+        def embed_with_lm(chunk: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            emb, lm, kl, n = self._lm_and_kl(chunk)
+            sums["lm"] += float(lm) * n
+            sums["kl"] += float(kl) * n
+            # token-weighted, so the chunk sum equals the full-batch token mean
+            return emb, (self.weights["lm"] * lm + self.weights["kl"] * kl) * (n / n_total)
+
+        cached_embedding_loss(embed, chunks, loss_fn, backward=self.manual_backward, embed_with_loss=embed_with_lm)
+        return {"lm": torch.tensor(sums["lm"] / n_total), "kl": torch.tensor(sums["kl"] / n_total), **parts}

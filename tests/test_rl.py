@@ -152,3 +152,21 @@ def test_rl_data_holds_out_validation_queries_and_keeps_every_positive(data_root
     assert len(batch["query"]) == 3 and all(p and set(p) <= known for p in batch["positives"])
     texts = dict(zip(data.corpus_ids, data.corpus_texts))
     assert texts["4983"].startswith("Microstructural development of human newborn cerebral white matter")
+
+
+def test_a_saved_stage1_adapter_keeps_training_in_stage2(tiny_lm_dir: Path, tmp_path: Path) -> None:
+    """configs/rl.yaml loads the Stage-1 adapter with `lora` set: LoRA and the token row must stay trainable,
+    and the loaded model must embed exactly as the saved one."""
+    stage1 = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
+                         lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for p in stage1.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    stage1.save(tmp_path / "sft")
+    loaded = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, adapter=str(tmp_path / "sft"),
+                         lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable) and any("trainable_tokens" in n for n in trainable)
+    torch.testing.assert_close(loaded.encode(["vitamin D"]), stage1.encode(["vitamin D"]), atol=1e-6, rtol=0)
+    RLModule(loaded, group_size=2)  # accepted as a trainable encoder
