@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch.utils.data import Sampler
 
 from datamodules.beir_files import DataFormatError, iter_jsonl
@@ -61,12 +62,23 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
     another's in-batch negative, or the same query twice with different positives. A row that clashes
     with the batch being built waits for a later batch; every row is yielded exactly once per epoch.
     ``set_epoch`` (called by Lightning) reshuffles deterministically from ``seed``.
+
+    Distributed training: every rank packs the same epoch (same seed) and takes every
+    ``num_replicas``-th batch from its ``rank`` on, the tail cut so all ranks run the same number of
+    steps. ``num_replicas``/``rank`` default to ``torch.distributed``'s when it is initialised. Lightning
+    must not inject its own sampler (``trainer.use_distributed_sampler: false``): it cannot know what
+    a clash is.
     """
 
     def __init__(self, keys: Sequence[set[str]], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, num_replicas: int | None = None, rank: int | None = None) -> None:
+        if isinstance(keys, Sampler):
+            raise TypeError("NoDuplicatesBatchSampler got a sampler instead of row keys: Lightning tried to inject a "
+                            "distributed sampler. Set `trainer.use_distributed_sampler: false`; this sampler shards "
+                            "its batches by rank itself.")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        self.num_replicas, self.rank = num_replicas, rank
         self.keys = list(keys)
         self.batch_size = batch_size
         self.seed = seed
@@ -79,7 +91,20 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches(self.epoch))
+        return iter(self._shard(self._batches(self.epoch)))
+
+    def _replicas(self) -> tuple[int, int]:
+        if self.num_replicas is not None:
+            return self.num_replicas, self.rank or 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def _shard(self, batches: list[list[int]]) -> list[list[int]]:
+        world, rank = self._replicas()
+        if world == 1:
+            return batches
+        return batches[rank::world][: len(batches) // world]
 
     def _batches(self, epoch: int) -> list[list[int]]:
         """The epoch's batches, computed whole: ``__len__`` needs the same greedy packing to be exact."""
@@ -111,5 +136,5 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         # Clashes push rows into later, partly filled batches, so the count depends on the shuffle:
         # pack the epoch once (cached) rather than guess, so progress bars and LR schedules are right.
         if self._len_cache is None or self._len_cache[0] != self.epoch:
-            self._len_cache = (self.epoch, len(self._batches(self.epoch)))
+            self._len_cache = (self.epoch, len(self._shard(self._batches(self.epoch))))
         return self._len_cache[1]

@@ -27,7 +27,8 @@ def _data(root: Path, **kw) -> ContrastiveDataModule:
 
 def _trainer(tmp_path: Path, **kw) -> L.Trainer:
     kw.setdefault("max_steps", 2)
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    kw.setdefault("devices", 1)
+    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                      enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0, **kw)
 
 
@@ -100,3 +101,16 @@ def test_resume_reaches_the_uninterrupted_state(tiny_lm_dir: Path, mini_train_ro
 def test_needs_lora(tiny_lm_dir: Path) -> None:
     with pytest.raises(ValueError, match="lora"):
         SFTContrastiveModule(EmbeddingLM(base_model=str(tiny_lm_dir), show_progress=False))
+
+
+@pytest.mark.e2e
+def test_two_process_ddp_trains_with_the_no_duplicates_sampler(tiny_lm_dir: Path, mini_train_root: Path,
+                                                                 tmp_path: Path) -> None:
+    """DDP (2 CPU processes): each rank takes its own share of the packed batches and the step trains."""
+    module = _module(tiny_lm_dir, tmp_path)
+    before = _trainable(module)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0, strategy="ddp_spawn", devices=2,
+                       use_distributed_sampler=False)
+    trainer.fit(module, datamodule=_data(mini_train_root))
+    after = _trainable(module)  # ddp_spawn copies rank 0's weights back into this process
+    assert any(not torch.equal(before[n], after[n]) for n in before)

@@ -59,3 +59,20 @@ def test_bad_rows_name_their_line(tmp_path: Path) -> None:
     path.write_text('{"query_id": "q1", "query": "ok"}\n')
     with pytest.raises(DataFormatError, match=r"rows\.jsonl:1: training row without \['pos_id'\]"):
         read_training_rows(path)
+
+
+def test_ranks_get_disjoint_equal_shares_of_the_same_epoch(nfcorpus_rows) -> None:
+    keys = [r.keys(1) for r in nfcorpus_rows[:500]]
+    whole = list(NoDuplicatesBatchSampler(keys, batch_size=16, seed=3))
+    shards = [list(NoDuplicatesBatchSampler(keys, batch_size=16, seed=3, num_replicas=3, rank=r)) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) == len(whole) // 3
+    assert len(NoDuplicatesBatchSampler(keys, batch_size=16, seed=3, num_replicas=3, rank=1)) == len(shards[1])
+    rows = [i for s in shards for b in s for i in b]
+    assert len(rows) == len(set(rows)) and all(b in whole for s in shards for b in s)
+
+
+def test_an_injected_sampler_is_refused_with_the_fix() -> None:
+    from torch.utils.data import SequentialSampler
+
+    with pytest.raises(TypeError, match="use_distributed_sampler: false"):
+        NoDuplicatesBatchSampler(SequentialSampler(range(4)), batch_size=2)
