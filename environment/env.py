@@ -36,6 +36,10 @@ class RefreshPolicy:
         include_positives: also refresh the labelled positives, so the reward's relevant documents are
             always scored with current weights.
         neighbours: nearest documents (by the index) of each touched one to refresh as well (0 = none).
+        settle_rounds: after the refresh, search again and re-encode stale documents that entered a
+            rollout's top-L, up to this many times (0 = off). A refresh changes scores, so a stale document
+            just below the old top-L can move into it; settling makes the top-L the reward ranks (nearly)
+            all fresh for a few extra encodes instead of a larger L for every rollout.
         full_refresh_every: steps between full refreshes (None = never).
         drift_threshold: full refresh when the mean cosine distance between old and new vectors of the
             documents a step re-encoded exceeds this (None = never): the refreshed set is a free sample
@@ -45,6 +49,7 @@ class RefreshPolicy:
     top_l: int = 20
     include_positives: bool = True
     neighbours: int = 0
+    settle_rounds: int = 0
     full_refresh_every: int | None = None
     drift_threshold: float | None = None
 
@@ -143,20 +148,12 @@ class RetrievalEnvironment:
 
     def refresh(self, indices: Tensor | Sequence[int]) -> RefreshStats:
         """Re-encode ``indices`` with the current weights; those already at this version are skipped."""
-        vectors = self._require()
+        self._require()
         idx = torch.as_tensor(indices, dtype=torch.long).unique()
         if idx.numel() and (idx.min() < 0 or idx.max() >= len(self.texts)):
             raise IndexError(f"document positions must lie in [0, {len(self.texts)}), got {idx.min()}..{idx.max()}")
-        idx = idx[self.versions[idx] < self.step]
-        start = time.perf_counter()
-        drift = None
-        if idx.numel():
-            fresh = self._encode(idx.tolist())
-            drift = float((1 - (vectors[idx] * fresh).sum(-1)).mean())
-            vectors[idx] = fresh
-            self.versions[idx] = self.step
-            self.index.update(idx, fresh)
-        return self._record(int(idx.numel()), time.perf_counter() - start, drift=drift)
+        n, seconds, drift_sum = self._reencode(idx)
+        return self._record(n, seconds, drift=drift_sum / n if n else None)
 
     def step_refresh(self, queries: Tensor, positives: Sequence[Sequence[int]]) -> RefreshStats:
         """Selective refresh for one RL step: what these rollout embeddings touch, per the policy."""
@@ -172,7 +169,14 @@ class RetrievalEnvironment:
         if self.policy.neighbours:
             _, near = self.index.search(self.vectors[idx], self.policy.neighbours + 1)
             idx = torch.cat([idx, near.flatten()]).unique()
-        stats = self.refresh(idx)
+        n, seconds, drift_sum = self._reencode(idx)
+        for _ in range(self.policy.settle_rounds):
+            _, top = self.index.search(queries, self.policy.top_l)
+            dn, ds, dd = self._reencode(top.flatten().unique())
+            n, seconds, drift_sum = n + dn, seconds + ds, drift_sum + dd
+            if not dn:
+                break
+        stats = self._record(n, seconds, drift=drift_sum / n if n else None)
         if self.policy.drift_threshold is not None and stats.drift is not None \
                 and stats.drift > self.policy.drift_threshold:
             full = self.full_refresh()
@@ -260,6 +264,20 @@ class RetrievalEnvironment:
     # ------------------------------------------------------------------ internals
     def _encode(self, positions: Sequence[int] | range) -> Tensor:
         return self.encoder([self.texts[i] for i in positions]).detach().float().cpu()
+
+    def _reencode(self, idx: Tensor) -> tuple[int, float, float]:
+        """Re-encode the stale ones among ``idx``; returns (count, seconds, summed cosine drift)."""
+        vectors = self._require()
+        idx = idx[self.versions[idx] < self.step]
+        if not idx.numel():
+            return 0, 0.0, 0.0
+        start = time.perf_counter()
+        fresh = self._encode(idx.tolist())
+        drift_sum = float((1 - (vectors[idx] * fresh).sum(-1)).sum())
+        vectors[idx] = fresh
+        self.versions[idx] = self.step
+        self.index.update(idx, fresh)
+        return int(idx.numel()), time.perf_counter() - start, drift_sum
 
     def _require(self) -> Tensor:
         if self.vectors is None:
