@@ -23,7 +23,13 @@ Our choices where the paper is silent (``docs/design.md``), with why:
   so λ · InfoNCE of each rollout embedding against its environment candidates (top-L ∪ positives,
   the documents' current vectors, no gradient through them) moves it directly; ``embed_advantage_weighted``
   weights rows by their positive advantage. λ = 0 is pure GRPO.
-- **Format**: a trajectory without the token (end of turn or length cap) gets ``failure_reward``.
+- **Format**: a trajectory without the token (end of turn or length cap) gets ``failure_reward``; or,
+  with ``format_penalty`` set, the retrieval reward of its fixed-up embedding (the appended
+  " The embedding is <|embed_token|>") minus the penalty. Our deviation for weak starting points: a
+  Stage-1 model trained on direct-mode responses almost never emits the token by itself, so with a
+  constant failure reward every group is all-equal, every advantage is zero and nothing is learned
+  (seen in our first CPU run: format-failure rate 1.0, reward 0 for 21 steps). The penalty keeps the
+  retrieval signal while still paying trajectories that end properly.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ class RLModule(AdapterTrainingModule):
             max(advantage, 0). tau: InfoNCE temperature.
         scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
         reward_kind / reward_k: ``ndcg`` or ``scaled_dcg`` at cut-off k. failure_reward: reward of a
-            trajectory that never emitted the embed token.
+            trajectory that never emitted the embed token. format_penalty: if set, such a trajectory is
+            rewarded by its fixed-up embedding's retrieval minus this instead (``failure_reward`` unused).
         refresh: the environment's refresh policy. index: ``exact`` or ``hnsw``.
         probe_every: steps between fidelity probes on the validation queries (``None`` = never; each
             probe encodes the whole environment corpus once).
@@ -69,8 +76,8 @@ class RLModule(AdapterTrainingModule):
                  max_new_tokens: int | None = None, clip_eps: float = 0.2, inner_epochs: int = 1,
                  kl_weight: float = 0.04, embed_weight: float = 0.1, embed_advantage_weighted: bool = False,
                  tau: float = 0.05, scale_rewards: bool = True, reward_kind: RewardKind = "ndcg", reward_k: int = 10,
-                 failure_reward: float = 0.0, refresh: RefreshPolicy | None = None,
-                 index: Literal["exact", "hnsw"] = "exact", probe_every: int | None = None, sample_texts: int = 4,
+                 failure_reward: float = 0.0, format_penalty: float | None = None,
+                 refresh: RefreshPolicy | None = None, index: Literal["exact", "hnsw"] = "exact", probe_every: int | None = None, sample_texts: int = 4,
                  lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0, gradient_clip: float = 1.0,
                  adapter_dir: str = "runs/rl/adapter", val_modes: list[Literal["direct", "reasoning"]] | None = None) -> None:
         super().__init__(encoder, lr, weight_decay, warmup_steps, gradient_clip, adapter_dir,
@@ -85,6 +92,7 @@ class RLModule(AdapterTrainingModule):
             kl_weight, embed_weight, embed_advantage_weighted, tau
         self.scale_rewards, self.reward_kind, self.reward_k, self.failure_reward = \
             scale_rewards, reward_kind, reward_k, failure_reward
+        self.format_penalty = format_penalty
         self.refresh_policy = refresh or RefreshPolicy()
         self.index_kind = index
         self.probe_every, self.sample_texts = probe_every, sample_texts
@@ -142,9 +150,7 @@ class RLModule(AdapterTrainingModule):
         emb, logp, logits = self._forward(r)
         old_logp = logp.detach()
         stats = env.step_refresh(emb.detach(), positives)
-        valid = ~r["missing"]
-        rewards = env.reward(emb.detach(), positives, k=self.reward_k, kind=self.reward_kind, valid=valid,
-                             failure_reward=self.failure_reward).to(self.device)
+        rewards = self.rollout_rewards(emb.detach(), positives, r["missing"]).to(self.device)
         advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
         for epoch in range(self.inner_epochs):
             if epoch:
@@ -208,6 +214,15 @@ class RLModule(AdapterTrainingModule):
         texts = [q for task in dm.validation.tasks for q in task.queries.values()]
         probe = self.env.fidelity_probe(self.encoder.encode_queries(texts), k=10)
         self.log_dict(probe.metrics("env/probe_"))
+
+    def rollout_rewards(self, emb: Tensor, positives: list[list[int]], missing: Tensor) -> Tensor:
+        """Per trajectory: retrieval reward in the environment, with the format rule for ``missing`` ones."""
+        assert self.env is not None, "the environment is built in on_fit_start"
+        missing = missing.cpu().bool()
+        if self.format_penalty is None:
+            return self.env.reward(emb, positives, k=self.reward_k, kind=self.reward_kind, valid=~missing,
+                                   failure_reward=self.failure_reward)
+        return self.env.reward(emb, positives, k=self.reward_k, kind=self.reward_kind) - self.format_penalty * missing.float()
 
     # ------------------------------------------------------------------ validation extras
     def on_validation_epoch_end(self) -> None:

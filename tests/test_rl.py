@@ -102,6 +102,28 @@ def test_one_update_is_finite_and_reaches_lora_and_the_token_row(tiny_lm_dir: Pa
     assert all(p.grad is None for p in module.parameters() if not p.requires_grad)
 
 
+def test_format_rule_constant_failure_reward_or_penalised_retrieval(tiny_lm_dir: Path, mini_train_root: Path,
+                                                                    tmp_path: Path) -> None:
+    # A constant failure reward makes an all-failed group all-equal (zero advantage); the penalty keeps
+    # the fixed-up embedding's retrieval signal and still pays a trajectory that ends with the token.
+    module = _module(tiny_lm_dir, tmp_path, failure_reward=-0.5)
+    data = _data(mini_train_root)
+    data.setup("fit")
+    env = module.build_environment(data.corpus_texts, data.corpus_ids)
+    batch = next(iter(data.train_dataloader()))
+    positives = [env.positions(p) for p in batch["positives"] for _ in range(4)]
+    emb = env.vectors[[p[0] for p in positives]] + 0.3 * torch.randn(len(positives), env.vectors.shape[1])
+    emb = torch.nn.functional.normalize(emb, dim=-1)
+    missing = torch.tensor([True, False] * (len(positives) // 2))
+    retrieval = env.reward(emb, positives)
+    constant = module.rollout_rewards(emb, positives, missing)
+    assert torch.equal(constant[missing], torch.full((int(missing.sum()),), -0.5))
+    torch.testing.assert_close(constant[~missing], retrieval[~missing])
+    module.format_penalty = 0.1
+    penalised = module.rollout_rewards(emb, positives, missing)
+    torch.testing.assert_close(penalised, retrieval - 0.1 * missing.float())
+
+
 def test_mean_reward_rises_on_a_toy_task(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path) -> None:
     """Four fixed queries, each step the same batch: the embedding term and the policy gradient must
     raise the reward of their rollouts within a few steps (a learnable signal with a tiny model)."""
