@@ -77,7 +77,8 @@ class RLModule(AdapterTrainingModule):
                  kl_weight: float = 0.04, embed_weight: float = 0.1, embed_advantage_weighted: bool = False,
                  tau: float = 0.05, scale_rewards: bool = True, reward_kind: RewardKind = "ndcg", reward_k: int = 10,
                  failure_reward: float = 0.0, format_penalty: float | None = None,
-                 refresh: RefreshPolicy | None = None, index: Literal["exact", "hnsw"] = "exact", probe_every: int | None = None, sample_texts: int = 4,
+                 refresh: RefreshPolicy | None = None, index: Literal["exact", "hnsw"] = "exact",
+                 probe_every: int | None = None, sample_texts: int = 4,
                  lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0, gradient_clip: float = 1.0,
                  adapter_dir: str = "runs/rl/adapter", val_modes: list[Literal["direct", "reasoning"]] | None = None) -> None:
         super().__init__(encoder, lr, weight_decay, warmup_steps, gradient_clip, adapter_dir,
