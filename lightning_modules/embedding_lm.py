@@ -184,13 +184,11 @@ class EmbeddingLM(nn.Module):
         return "|".join(parts)
 
     # ------------------------------------------------------------------ tokenisation
-    def _prompt_parts(self, side: Side, system: str, assistant: str | None, full_turn: bool = False
-                      ) -> tuple[list[int], list[int]]:
+    def _prompt_parts(self, side: Side, system: str, assistant: str | None) -> tuple[list[int], list[int]]:
         """Token ids of the chat prompt before and after the user text (computed once per shape).
 
-        With ``full_turn`` the assistant turn is kept whole (up to its end-of-turn token), as the LM
-        loss needs; otherwise it is cut right after the embed token."""
-        key = (side + system, str(assistant), full_turn)
+        A given assistant turn is cut right after the embed token."""
+        key = (side + system, str(assistant))
         if key not in self._prompt_cache:
             marker = "\x00USER_TEXT\x00"
             messages = [{"role": "system", "content": system}, {"role": "user", "content": marker}]
@@ -199,12 +197,8 @@ class EmbeddingLM(nn.Module):
             else:
                 messages.append({"role": "assistant", "content": assistant})
                 rendered = self.tokenizer.apply_chat_template(messages, tokenize=False)
-                if full_turn:
-                    end = self.tokenizer.eos_token or ""
-                    rendered = rendered[: rendered.rindex(end) + len(end)] if end and end in rendered else rendered
-                else:
-                    # Cut right after the embed token: nothing later can change its hidden state.
-                    rendered = rendered[: rendered.rindex(EMBED_TOKEN) + len(EMBED_TOKEN)]
+                # Cut right after the embed token: nothing later can change its hidden state.
+                rendered = rendered[: rendered.rindex(EMBED_TOKEN) + len(EMBED_TOKEN)]
             head, tail = rendered.split(marker)
             self._prompt_cache[key] = (
                 self.tokenizer(head, add_special_tokens=False)["input_ids"],
@@ -230,10 +224,16 @@ class EmbeddingLM(nn.Module):
         return [head + ids + tail for ids in self._text_ids(texts, side)]
 
     def direct_training_ids(self, texts: Sequence[str], side: Side) -> tuple[list[list[int]], list[int]]:
-        """Direct-mode sequences with the whole assistant turn ("The embedding is <|embed_token|>.<|im_end|>")
-        and, per row, the position where that response starts: the LM loss teaches the model to write it."""
+        """Direct-mode sequences (exactly what :meth:`direct_prompt_ids` feeds at inference) and, per row,
+        the position where the assistant response "The embedding is <|embed_token|>" starts: the LM loss
+        teaches the model to write it.
+
+        The response stops *at* the embed token on purpose. The hidden state there is the embedding; a
+        next-token target after it (the "." and end of turn) would train that same vector to predict one
+        fixed token for every input, a force towards a single direction that InfoNCE must fight. Nothing
+        after the token is ever generated either: reasoning mode stops on it."""
         system = self.prompts.system(side)
-        head, tail = self._prompt_parts(side, system, self.prompts.embed_response, full_turn=True)
+        head, tail = self._prompt_parts(side, system, self.prompts.embed_prefix)
         _, header_tail = self._prompt_parts(side, system, None)  # the same turn, up to the assistant header
         response = len(tail) - len(header_tail)
         seqs = [head + ids + tail for ids in self._text_ids(texts, side)]
@@ -287,6 +287,16 @@ class EmbeddingLM(nn.Module):
         predicting[:, :-1] = response_mask[:, 1:].bool()
         logits = self.lm.get_output_embeddings()(hidden[predicting])
         return embeddings, logits
+
+    def kl_targets(self, targets: Tensor) -> Tensor:
+        """Mask of the response targets on which a KL to the reference (adapter disabled) is taken: all
+        but the embed token itself.
+
+        The reference was never trained to write the token, so its probability there stays that of a
+        fresh row. Penalising the divergence on that one position fights the very thing the LM loss (and
+        RL's format reward) teaches: with Stage 1's equal weights, -log p + KL is minimised near
+        p(token) = 0.06, which is where our first runs' LM loss stalled (3.2 nats per token)."""
+        return targets != self.embed_token_id
 
     def encode(self, texts: Sequence[str], side: Side = "query", batch_size: int | None = None) -> Tensor:
         """Direct-mode embeddings ``[len(texts), d]`` (fp32, CPU), in input order.

@@ -56,8 +56,11 @@ def response_lm_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
 
 
 def token_kl(policy_logits: Tensor, reference_logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean over masked tokens of KL(p_policy ‖ p_reference), computed exactly over the vocabulary."""
+    """Mean over masked tokens of KL(p_policy ‖ p_reference), computed exactly over the vocabulary
+    (0 when no token is masked in, rather than the NaN of an empty mean)."""
     picked = mask.bool()
+    if not bool(picked.any()):
+        return policy_logits.sum() * 0.0
     logp = F.log_softmax(policy_logits[picked].float(), dim=-1)
     logq = F.log_softmax(reference_logits[picked].float(), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1).mean()

@@ -18,7 +18,9 @@ Our choices where the paper is silent (``docs/design.md``), with why:
   and are masked out, as are prompt tokens.
 - **KL**: exact per-token KL over the vocabulary against the reference = the same model with the
   adapter disabled (no second copy), not GRPO's k3 sample estimator: both distributions are in
-  memory anyway, and the exact value has no variance.
+  memory anyway, and the exact value has no variance. Taken on every sampled token but the embed
+  token (``EmbeddingLM.kl_targets``): the reference cannot write it, so a KL there would fight the
+  format reward.
 - **Embedding term**: GRPO's gradient only reaches sampled tokens; the embedding is a hidden state,
   so λ · InfoNCE of each rollout embedding against its environment candidates (top-L ∪ positives,
   the documents' current vectors, no gradient through them) moves it directly; ``embed_advantage_weighted``
@@ -172,11 +174,10 @@ class RLModule(AdapterTrainingModule):
                advantages: Tensor, positives: list[list[int]]) -> dict[str, Tensor]:
         """The three terms, unweighted (``policy``, ``kl``, ``embed``)."""
         terms = {"policy": clipped_policy_loss(logp, old_logp, advantages, r["sampled"], self.clip_eps)}
-        every = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         if self.kl_weight:
             with torch.no_grad(), self.encoder.lm.disable_adapter():
                 _, ref_logits = self.encoder.embed_and_response_logits(r["input_ids"], r["attention_mask"], r["sampled"])
-            terms["kl"] = token_kl(logits, ref_logits, every)
+            terms["kl"] = token_kl(logits, ref_logits, self.encoder.kl_targets(r["input_ids"][r["sampled"]]))
         else:
             terms["kl"] = logits.new_zeros(())
         if self.embed_weight:

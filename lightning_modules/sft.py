@@ -4,9 +4,10 @@ Loss = w_lm·LM + w_kl·KL + w_nce·InfoNCE + w_tri·triplet (the paper's plain 
 logged on its own):
 
 - LM: next-token cross-entropy on the assistant response of queries and documents
-  ("The embedding is <|embed_token|>.<|im_end|>") — the model must learn to write the token;
-- KL(policy ‖ reference) per response token; the reference is the same model with the LoRA adapter
-  disabled, so no second copy sits in memory;
+  ("The embedding is <|embed_token|>", ending at the token: see ``EmbeddingLM.direct_training_ids``)
+  — the model must learn to write the token;
+- KL(policy ‖ reference) per response token but the embed token (``EmbeddingLM.kl_targets``); the
+  reference is the same model with the LoRA adapter disabled, so no second copy sits in memory;
 - InfoNCE over cosine/τ: every query against all positives and hard negatives of the batch;
 - triplet margin (cosine distance) over (query, positive, hardest of its own negatives).
 
@@ -43,14 +44,15 @@ class SFTContrastiveModule(AdapterTrainingModule):
         tau: InfoNCE temperature (0.05: common for LLM embedders; the paper's value is unknown).
         margin: triplet margin on the cosine distance (0.2).
         cached: GradCache for the embedding losses; ``chunk_size`` rows per re-embedding chunk.
-        lr / weight_decay / warmup_steps / gradient_clip / adapter_dir: see :class:`AdapterTrainingModule`.
+        lr / weight_decay / warmup_steps / gradient_clip / adapter_dir / token_lr: see
+            :class:`AdapterTrainingModule`.
     """
 
     def __init__(self, encoder: EmbeddingLM, lm_weight: float = 1.0, kl_weight: float = 1.0, nce_weight: float = 1.0,
                  triplet_weight: float = 1.0, tau: float = 0.05, margin: float = 0.2, cached: bool = False,
                  chunk_size: int = 8, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 10,
-                 gradient_clip: float = 1.0, adapter_dir: str = "runs/sft/adapter") -> None:
-        super().__init__(encoder, lr, weight_decay, warmup_steps, gradient_clip, adapter_dir)
+                 gradient_clip: float = 1.0, adapter_dir: str = "runs/sft/adapter", token_lr: float | None = None) -> None:
+        super().__init__(encoder, lr, weight_decay, warmup_steps, gradient_clip, adapter_dir, token_lr=token_lr)
         self.weights = {"lm": lm_weight, "kl": kl_weight, "nce": nce_weight, "triplet": triplet_weight}
         self.tau, self.margin, self.cached, self.chunk_size = tau, margin, cached, chunk_size
 
@@ -73,7 +75,7 @@ class SFTContrastiveModule(AdapterTrainingModule):
             with torch.no_grad(), self.encoder.lm.disable_adapter():
                 _, ref = self.encoder.embed_and_response_logits(side["input_ids"], side["attention_mask"],
                                                                 side["response_mask"])
-            kl = token_kl(logits, ref, every)
+            kl = token_kl(logits, ref, self.encoder.kl_targets(targets))
         return emb, lm, kl, int(targets.shape[0])
 
     def _embedding_losses(self, q: Tensor, d: Tensor, num_negatives: int) -> dict[str, Tensor]:

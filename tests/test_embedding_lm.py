@@ -180,7 +180,9 @@ def test_encode_inside_training_is_deterministic_and_keeps_train_mode(tiny_lm_di
 def test_training_forward_matches_readout_and_full_logits(tiny_lm: EmbeddingLM) -> None:
     seqs, starts = tiny_lm.direct_training_ids(TEXTS[:2], "query")
     response = tiny_lm.tokenizer.decode(seqs[0][starts[0]:])
-    assert response == "The embedding is " + EMBED_TOKEN + ".<|im_end|>"
+    # The response ends at the token: no next-token target may sit on the embedding's own position.
+    assert response == "The embedding is " + EMBED_TOKEN
+    assert seqs == tiny_lm.direct_prompt_ids(TEXTS[:2], "query")  # trained on exactly what inference feeds
     ids, mask = tiny_lm.pad(seqs)
     response_mask = torch.zeros_like(ids, dtype=torch.bool)
     for i, s in enumerate(starts):
@@ -193,6 +195,10 @@ def test_training_forward_matches_readout_and_full_logits(tiny_lm: EmbeddingLM) 
     predicting[:, :-1] = response_mask[:, 1:]
     torch.testing.assert_close(logits, full[predicting], atol=1e-5, rtol=0)
     assert logits.shape[0] == int(response_mask.sum())  # every response token, the first included, is predicted
+    # The KL to the reference skips exactly the embed token (the reference cannot write it).
+    targets = ids[response_mask]
+    assert (~tiny_lm.kl_targets(targets)).sum() == len(seqs)
+    assert (targets[~tiny_lm.kl_targets(targets)] == tiny_lm.embed_token_id).all()
 
 
 def test_adapter_refuses_another_base_model(tiny_lm: EmbeddingLM, tiny_lm_dir: Path, tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ def test_token_kl_hand_computed() -> None:
     expected = (0.0 + 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) / 2
     assert token_kl(p, q, mask).item() == pytest.approx(expected, abs=1e-6)
     assert token_kl(p, p, mask).item() == pytest.approx(0.0, abs=1e-7)
+    assert token_kl(p, q, torch.zeros_like(mask)).item() == 0.0  # nothing masked in: 0, not NaN
 
 
 QUERIES = ["vitamin D and bone", "who wrote Hamlet", "elderly patients", "tragedy"]

@@ -51,6 +51,18 @@ def test_a_step_moves_lora_and_the_token_row_only(tiny_lm_dir: Path, mini_train_
             assert torch.equal(p, frozen[n]), f"base weight {n} changed"
 
 
+def test_token_lr_sets_the_embed_token_rows_own_rate(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path) -> None:
+    module = _module(tiny_lm_dir, tmp_path, token_lr=0.0)  # rate 0: the row must stay, LoRA must move
+    before = _trainable(module)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=_data(mini_train_root))
+    after = _trainable(module)
+    rows = [n for n in before if "trainable_tokens" in n]
+    assert rows and all(torch.equal(before[n], after[n]) for n in rows)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    assert [g["initial_lr"] for g in trainer.optimizers[0].param_groups] == [1e-2, 0.0]
+
+
 def test_validation_saves_an_adapter_that_test_loads(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path) -> None:
     module = _module(tiny_lm_dir, tmp_path)
     trainer = _trainer(tmp_path, max_steps=2, val_check_interval=2)
