@@ -29,6 +29,7 @@ class ResultRow:
     documents_from_cache: bool = False  # wall time then excludes encoding the corpus
     trained_on: list[str] | None = None  # datasets whose train split the model was fitted on
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
+    checkpoint_digest: str | None = None  # content digest of the checkpoint folder as loaded
 
     @property
     def protocol(self) -> str | None:
@@ -45,6 +46,8 @@ class ResultRow:
         """The flat form stored in ``docs/results.json``."""
         out: dict[str, Any] = {"retriever": self.retriever, "mode": self.mode, "checkpoint": self.checkpoint,
                                "dataset": self.dataset, "split": self.split}
+        if self.checkpoint_digest:
+            out["checkpoint_digest"] = self.checkpoint_digest
         out.update(self.metrics)
         out.update({"num_queries": self.num_queries, "num_docs": self.num_docs, "corpus_size": self.corpus_size,
                     "command": self.command, "wall_time_s": self.wall_time_s,

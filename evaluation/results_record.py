@@ -2,8 +2,9 @@
 
 Rows are written only when a run asks for it (``record_results``), never by default, and
 ``docs/results.md`` is regenerated from the JSON each time so the two cannot disagree.
-A row is replaced when the same command records the same retriever, mode, checkpoint, dataset, split
-and size (queries, documents) again; the same system measured by two different commands (say the
+A row is replaced when the same command records the same retriever, mode, checkpoint (path and content
+digest), dataset, split and size (queries, documents) again, so a retrained adapter at the same path adds
+rows instead of overwriting the old adapter's; the same system measured by two different commands (say the
 default run and the baselines run) keeps both rows, each with its own wall time.
 """
 
@@ -17,7 +18,8 @@ from typing import Any
 REQUIRED_KEYS = (
     "retriever", "mode", "checkpoint", "dataset", "split", "nDCG@10", "R@100", "RR@10", "command", "wall_time_s",
 )
-_IDENTITY = ("retriever", "mode", "checkpoint", "dataset", "split", "num_queries", "num_docs", "command")
+_IDENTITY = ("retriever", "mode", "checkpoint", "checkpoint_digest", "dataset", "split", "num_queries", "num_docs",
+             "command")
 
 
 def load_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -55,6 +57,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _checkpoint(row: dict[str, Any]) -> str:
+    if row.get("checkpoint") is None:
+        return "–"
+    digest = row.get("checkpoint_digest")
+    return row["checkpoint"] + (f" @{digest[:8]}" if digest else "")
+
+
 def _trained(row: dict[str, Any]) -> str:
     if not row.get("trained_on"):
         return "–"
@@ -69,7 +78,8 @@ def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") ->
         "A row whose `docs` is smaller than the corpus was run on a capped corpus (fewer distractors,",
         "so its scores are higher than a full-corpus run would give). `trained on` names the train splits",
         "an adapter was fitted on: *in-domain* rows share the corpus (not BEIR's zero-shot protocol),",
-        "*cross-domain* rows do not.",
+        "*cross-domain* rows do not. `@digest` after a checkpoint is the content digest of the adapter",
+        "folder that was loaded: the same path with another digest is another (retrained) adapter.",
         "",
         "| dataset | split | retriever | mode | checkpoint | trained on | nDCG@10 | R@100 | RR@10 | queries | docs | wall time (s) | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -79,7 +89,7 @@ def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") ->
         if r.get("corpus_size") and r.get("num_docs") != r.get("corpus_size"):
             docs += f" of {r['corpus_size']}"
         cells = [
-            r["dataset"], r["split"], r["retriever"], _fmt(r["mode"]), _fmt(r["checkpoint"]), _trained(r),
+            r["dataset"], r["split"], r["retriever"], _fmt(r["mode"]), _checkpoint(r), _trained(r),
             _fmt(r["nDCG@10"]), _fmt(r["R@100"]), _fmt(r["RR@10"]), _fmt(r.get("num_queries")), docs,
             f"{r['wall_time_s']:.0f}" + (" (docs cached)" if r.get("documents_from_cache") else ""),
             f"`{r['command']}`",

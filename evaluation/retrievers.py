@@ -44,6 +44,11 @@ class Retriever(nn.Module):
     def checkpoint(self) -> str | None:
         return None
 
+    @property
+    def checkpoint_digest(self) -> str | None:
+        """Content digest of the checkpoint; a path alone cannot tell a retrained adapter from the old one."""
+        return None
+
     def fingerprint(self) -> str:
         """What determines the document representation (cache key for document embeddings/indexes)."""
         raise NotImplementedError
@@ -73,6 +78,10 @@ class EmbeddingLMRetriever(DenseRetriever):
     @property
     def checkpoint(self) -> str | None:
         return self.encoder.adapter_path
+
+    @property
+    def checkpoint_digest(self) -> str | None:
+        return self.encoder.adapter_digest
 
     def fingerprint(self) -> str:
         return self.encoder.fingerprint()

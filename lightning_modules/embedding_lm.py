@@ -104,6 +104,9 @@ class EmbeddingLM(nn.Module):
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.adapter_path = adapter
+        # Digest of the folder as loaded: result rows carry it, so two adapters saved at one path
+        # (a retrained Stage 1) never read as the same checkpoint.
+        self.adapter_digest: str | None = _folder_digest(adapter) if adapter else None
         model_dir = resolve_model_dir(base_model, cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.chat_template is None:
@@ -179,7 +182,7 @@ class EmbeddingLM(nn.Module):
         """Identifies what determines the embeddings: base model, adapter *content*, prompts,
         truncation and dtype. Keys the document-embedding cache, so a retrained adapter saved at the
         same path is never served stale vectors."""
-        parts = [self.base_model_name, _folder_digest(self.adapter_path), self.prompts.fingerprint(),
+        parts = [self.base_model_name, self.adapter_digest or "no-adapter", self.prompts.fingerprint(),
                  str(self.max_tokens), str(self.lm.dtype)]
         return "|".join(parts)
 

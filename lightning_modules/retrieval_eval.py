@@ -185,7 +185,8 @@ class RetrievalEvalModule(L.LightningModule):
     def _row(self, retriever: Retriever, mode: str | None, task: RetrievalTask, metrics: dict[str, float],
              seconds: float, cached: bool) -> ResultRow:
         return ResultRow(
-            retriever=retriever.name, mode=mode, checkpoint=retriever.checkpoint, dataset=task.name,
+            retriever=retriever.name, mode=mode, checkpoint=retriever.checkpoint,
+            checkpoint_digest=retriever.checkpoint_digest, dataset=task.name,
             split=task.split, metrics={k: round(v, 4) for k, v in metrics.items()},
             num_queries=len(task.queries), num_docs=task.num_docs, corpus_size=task.corpus_size,
             command="search-r3 " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

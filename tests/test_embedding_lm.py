@@ -144,6 +144,23 @@ def test_save_load_roundtrip_without_lora(tiny_lm: EmbeddingLM, tiny_lm_dir: Pat
     torch.testing.assert_close(loaded.encode(TEXTS), before, atol=1e-6, rtol=0)
 
 
+def test_a_retrained_adapter_at_the_same_path_gets_another_digest(tiny_lm: EmbeddingLM, tiny_lm_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    # Result rows and the document cache tell adapters apart by this digest, not by their path.
+    load = lambda: EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", adapter=str(tmp_path / "row"),  # noqa: E731
+                               show_progress=False)
+    tiny_lm.save(tmp_path / "row")
+    first = load()
+    assert first.adapter_digest and first.adapter_digest in first.fingerprint()
+    assert load().adapter_digest == first.adapter_digest
+    with torch.no_grad():
+        tiny_lm.lm.get_input_embeddings().weight[tiny_lm.embed_token_id] += 1.0
+    tiny_lm.save(tmp_path / "row")
+    second = load()
+    assert second.adapter_digest != first.adapter_digest and second.fingerprint() != first.fingerprint()
+    assert tiny_lm.adapter_digest is None
+
+
 def test_untrained_wrapper_is_identical_across_loads(tiny_lm_dir: Path) -> None:
     a = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False).encode(TEXTS)
     b = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False).encode(TEXTS)

@@ -89,6 +89,17 @@ def test_results_record_upserts_and_renders(tmp_path: Path) -> None:
         record_rows([{"retriever": "x"}], path)
 
 
+def test_results_record_keeps_rows_of_two_adapters_saved_at_one_path(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    old = _row(retriever="smollm2-sft", checkpoint="runs/sft/adapter/best", checkpoint_digest="aaaaaaaa11")
+    new = dict(old, checkpoint_digest="bbbbbbbb22", **{"nDCG@10": 0.7})
+    record_rows([old], path)
+    record_rows([new], path)
+    assert sorted(r["nDCG@10"] for r in json.loads(path.read_text())) == [0.5, 0.7]
+    md = path.with_suffix(".md").read_text()
+    assert "runs/sft/adapter/best @aaaaaaaa |" in md and "runs/sft/adapter/best @bbbbbbbb |" in md
+
+
 def test_gather_rows_merges_ranks_and_drops_padding_duplicates() -> None:
     # Two simulated ranks with unequal row counts; rank 1 repeats index 0 as a sampler would.
     ranks = [(torch.tensor([0, 2, 4]), torch.tensor([[0.0], [2.0], [4.0]])), (torch.tensor([1, 3]), torch.tensor([[1.0], [3.0]]))]
