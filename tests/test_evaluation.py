@@ -11,6 +11,7 @@ import torch
 
 from evaluation.dense_eval import gather_rows, ordered
 from evaluation.metrics import build_run, evaluate_run, per_query
+from evaluation.paired import paired_comparison, read_run
 from evaluation.results_record import record_rows
 from evaluation.run_files import write_trec_run
 from evaluation.search import exact_topk
@@ -98,6 +99,23 @@ def test_results_record_keeps_rows_of_two_adapters_saved_at_one_path(tmp_path: P
     assert sorted(r["nDCG@10"] for r in json.loads(path.read_text())) == [0.5, 0.7]
     md = path.with_suffix(".md").read_text()
     assert "runs/sft/adapter/best @aaaaaaaa |" in md and "runs/sft/adapter/best @bbbbbbbb |" in md
+
+
+def test_paired_comparison_of_two_runs_read_back_from_trec_files(tmp_path: Path) -> None:
+    # B ranks q1's best document first (nDCG 1) and misses q2 (nDCG 0): per query A - B is
+    # 0.8597 - 1 and 0.3869 - 0, values known from the trec_eval case above.
+    run_b = {"q1": {"d1": 3.0, "d2": 2.0}, "q2": {"d8": 1.0}}
+    a = read_run(write_trec_run(RUN, tmp_path / "a.trec", tag="a"))
+    b = read_run(write_trec_run(run_b, tmp_path / "b.trec", tag="b"))
+    res = paired_comparison(QRELS, a, b)
+    diffs = [0.8597 - 1.0, 0.3869 - 0.0]
+    assert res.num_queries == 2 and (res.wins, res.ties, res.losses) == (1, 0, 1)
+    assert res.mean_difference == pytest.approx(sum(diffs) / 2, abs=1e-4)
+    assert res.standard_error == pytest.approx(abs(diffs[0] - diffs[1]) / 2, abs=1e-4)  # n = 2: sd/sqrt(2)
+    same = paired_comparison(QRELS, a, a)
+    assert same.mean_difference == 0.0 and same.p_value == 1.0 and same.ties == 2
+    with pytest.raises(ValueError, match="different judged queries"):
+        paired_comparison(QRELS, a, {"q1": run_b["q1"]})
 
 
 def test_gather_rows_merges_ranks_and_drops_padding_duplicates() -> None:
