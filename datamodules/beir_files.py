@@ -159,3 +159,15 @@ def read_qrels(path: Path, report: ReadReport, on_bad_row: OnBadRow) -> tuple[Qr
     if not qrels:
         raise DataFormatError(f"{path}: no judgements in this qrels file")
     return qrels, lines
+
+
+def judged_in_any_split(dataset_dir: Path, min_score: int | None = None) -> dict[str, set[str]]:
+    """Query id -> documents judged for it in any ``qrels/*.tsv`` of the folder; with ``min_score``,
+    only judgements of at least that grade (``min_score=1``: the documents known to be relevant)."""
+    judged: dict[str, set[str]] = {}
+    for path in sorted((dataset_dir / "qrels").glob("*.tsv*")):
+        qrels, _ = read_qrels(path, ReadReport(), "error")
+        for qid, docs in qrels.items():
+            kept = docs if min_score is None else {d for d, rel in docs.items() if rel >= min_score}
+            judged.setdefault(qid, set()).update(kept)
+    return judged

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.beir import BEIRDataModule
-from datamodules.beir_files import DataFormatError, find_file, iter_corpus
+from datamodules.beir_files import DataFormatError, find_file, iter_corpus, judged_in_any_split
 from datamodules.training_rows import NoDuplicatesBatchSampler, TrainingRow, read_training_rows
 
 log = logging.getLogger(__name__)
@@ -38,15 +38,23 @@ class RowDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.rows[i]
         negs = list(r.neg_ids[: self.num_negatives])
-        return {"query": r.query, "positive": self.texts[r.pos_id], "negatives": [self.texts[n] for n in negs]}
+        return {"query_id": r.query_id, "query": r.query, "positive": self.texts[r.pos_id],
+                "negatives": [self.texts[n] for n in negs], "doc_ids": [r.pos_id, *negs]}
 
 
 class ContrastiveCollator:
     """Tokenises a batch through the attached encoder: queries and documents with the full assistant
-    turn (for the LM loss) and the masks of the response tokens."""
+    turn (for the LM loss) and the masks of the response tokens.
 
-    def __init__(self) -> None:
+    ``relevant`` (query id -> documents the qrels judge relevant to it) marks, per query, the batch's
+    documents that are known positives of that query but belong to another row (``exclude``): the
+    no-duplicates sampler keeps ids unique, but on NFCorpus a document is relevant to ~30 train queries,
+    so about 2% of in-batch pairs are such false negatives (1.4 per 12-query batch).
+    """
+
+    def __init__(self, relevant: dict[str, set[str]] | None = None) -> None:
         self.encoder = None
+        self.relevant = relevant
 
     def _side(self, texts: list[str], side: str) -> dict[str, Tensor]:
         seqs, starts = self.encoder.direct_training_ids(texts, side)
@@ -65,8 +73,15 @@ class ContrastiveCollator:
             raise RuntimeError("ContrastiveCollator has no encoder: the LightningModule attaches it in setup()")
         k = min(len(it["negatives"]) for it in items)
         docs = [it["positive"] for it in items] + [n for it in items for n in it["negatives"][:k]]
+        doc_ids = [it["doc_ids"][0] for it in items] + [n for it in items for n in it["doc_ids"][1 : 1 + k]]
+        exclude = torch.zeros((len(items), len(doc_ids)), dtype=torch.bool)
+        if self.relevant is not None:
+            for i, it in enumerate(items):
+                known = self.relevant.get(it["query_id"], set())
+                for j, doc_id in enumerate(doc_ids):
+                    exclude[i, j] = j != i and doc_id in known
         return {"queries": self._side([it["query"] for it in items], "query"),
-                "documents": self._side(docs, "document"), "num_negatives": k}
+                "documents": self._side(docs, "document"), "num_negatives": k, "exclude": exclude}
 
 
 class ContrastiveDataModule(L.LightningDataModule):
@@ -78,16 +93,19 @@ class ContrastiveDataModule(L.LightningDataModule):
         max_rows: cap on training rows after hold-out (quick runs); ``None`` keeps all.
         val_queries / val_corpus_docs: size of the held-out validation task per dataset.
         seed: shuffling seed (also reshuffled per epoch).
+        mask_known_positives: drop from each query's InfoNCE denominator the batch documents that the
+            dataset's qrels (any split, grade >= 1) judge relevant to it (see :class:`ContrastiveCollator`).
     """
 
     def __init__(self, data_root: str = "../shared/data", train_files: list[str] | None = None, num_negatives: int = 1,
                  batch_size: int = 16, max_rows: int | None = None, val_queries: int = 50, val_corpus_docs: int = 1000,
-                 seed: int = 0) -> None:
+                 seed: int = 0, mask_known_positives: bool = True) -> None:
         super().__init__()
         self.data_root = Path(data_root)
         self.train_files = list(train_files) if train_files else ["train/scifact_train_triples.jsonl.gz"]
         self.num_negatives, self.batch_size, self.max_rows = num_negatives, batch_size, max_rows
         self.val_queries, self.val_corpus_docs, self.seed = val_queries, val_corpus_docs, seed
+        self.mask_known_positives = mask_known_positives
         self.collator = ContrastiveCollator()
         self.rows: list[TrainingRow] = []
         self.validation: BEIRDataModule | None = None
@@ -106,7 +124,11 @@ class ContrastiveDataModule(L.LightningDataModule):
         self.validation.setup("validate")
         held_out = {q for task in self.validation.tasks for q in task.queries}
         texts: dict[str, str] = {}
+        relevant: dict[str, set[str]] = {}
         for dataset, rows in rows_by_dataset.items():
+            if self.mask_known_positives:
+                for qid, docs in judged_in_any_split(self.data_root / "beir" / dataset, min_score=1).items():
+                    relevant.setdefault(qid, set()).update(docs)
             needed = {r.pos_id for r in rows} | {n for r in rows for n in r.neg_ids[: self.num_negatives]}
             corpus = find_file(self.data_root / "beir" / dataset, "corpus.jsonl")
             for _, doc_id, text in iter_corpus(corpus):
@@ -123,6 +145,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         if self.max_rows:
             self.rows = self.rows[: self.max_rows]
         self.texts = texts
+        self.collator.relevant = relevant if self.mask_known_positives else None
 
     def train_dataloader(self) -> DataLoader:
         dataset = RowDataset(self.rows, self.texts, self.num_negatives)

@@ -19,18 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from datamodules.beir import BEIRDataModule
-from datamodules.beir_files import ReadReport, read_qrels
+from datamodules.beir_files import judged_in_any_split
 
 log = logging.getLogger(__name__)
-
-
-def judged_in_any_split(dataset_dir: Path) -> dict[str, set[str]]:
-    judged: dict[str, set[str]] = {}
-    for path in sorted((dataset_dir / "qrels").glob("*.tsv*")):
-        qrels, _ = read_qrels(path, ReadReport(), "error")
-        for qid, docs in qrels.items():
-            judged.setdefault(qid, set()).update(docs)
-    return judged
 
 
 def mine_bm25_negatives(dataset_dir: Path, split: str = "train", window: tuple[int, int] = (0, 100),

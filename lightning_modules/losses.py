@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def info_nce_loss(queries: Tensor, documents: Tensor, positive_index: Tensor, tau: float = 0.05) -> Tensor:
+def info_nce_loss(queries: Tensor, documents: Tensor, positive_index: Tensor, tau: float = 0.05,
+                  exclude: Tensor | None = None) -> Tensor:
     """InfoNCE over cosine/τ with the positive in the denominator (the paper's formula).
 
     Args:
@@ -23,11 +24,19 @@ def info_nce_loss(queries: Tensor, documents: Tensor, positive_index: Tensor, ta
         documents: ``[N, d]`` unit-norm candidates: every query's positive and hard negatives, so each
             query also sees the other queries' documents (in-batch negatives).
         positive_index: ``[B]`` row of ``documents`` holding each query's positive.
+        exclude: optional ``[B, N]`` bool, True where a document is known to be relevant to the query
+            but is not its positive (another row's positive that the qrels also judge relevant here).
+            Such a document is dropped from that query's denominator instead of being pushed away as a
+            negative; a query's own positive is never excluded.
 
     Requirements: no document may appear twice in ``documents`` (a duplicate of a query's positive
     would be counted as its negative); the training batch sampler guarantees it.
     """
     logits = queries @ documents.T / tau
+    if exclude is not None:
+        keep_positive = torch.zeros_like(exclude)
+        keep_positive[torch.arange(exclude.shape[0], device=exclude.device), positive_index] = True
+        logits = logits.masked_fill(exclude & ~keep_positive, float("-inf"))
     return F.cross_entropy(logits, positive_index)
 
 

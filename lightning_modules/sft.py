@@ -8,7 +8,8 @@ logged on its own):
   — the model must learn to write the token;
 - KL(policy ‖ reference) per response token but the embed token (``EmbeddingLM.kl_targets``); the
   reference is the same model with the LoRA adapter disabled, so no second copy sits in memory;
-- InfoNCE over cosine/τ: every query against all positives and hard negatives of the batch;
+- InfoNCE over cosine/τ: every query against all positives and hard negatives of the batch, minus the
+  batch documents its qrels call relevant (``ContrastiveDataModule.mask_known_positives``);
 - triplet margin (cosine distance) over (query, positive, hardest of its own negatives).
 
 With ``cached: true`` the embedding losses go through GradCache (:func:`cached_embedding_loss`): the
@@ -78,10 +79,10 @@ class SFTContrastiveModule(AdapterTrainingModule):
             kl = token_kl(logits, ref, self.encoder.kl_targets(targets))
         return emb, lm, kl, int(targets.shape[0])
 
-    def _embedding_losses(self, q: Tensor, d: Tensor, num_negatives: int) -> dict[str, Tensor]:
+    def _embedding_losses(self, q: Tensor, d: Tensor, num_negatives: int, exclude: Tensor | None) -> dict[str, Tensor]:
         b = q.shape[0]
         positives = torch.arange(b, device=q.device)
-        out = {"nce": info_nce_loss(q, d, positives, self.tau)}
+        out = {"nce": info_nce_loss(q, d, positives, self.tau, exclude=exclude)}
         if num_negatives > 0:
             negs = d[b:].view(b, num_negatives, -1)
             out["triplet"] = triplet_margin_loss(q, d[:b], negs, self.margin)
@@ -98,7 +99,7 @@ class SFTContrastiveModule(AdapterTrainingModule):
             q, lm_q, kl_q, n_q = self._lm_and_kl(batch["queries"])
             d, lm_d, kl_d, n_d = self._lm_and_kl(batch["documents"])
             terms = {"lm": (lm_q * n_q + lm_d * n_d) / (n_q + n_d), "kl": (kl_q * n_q + kl_d * n_d) / (n_q + n_d)}
-            terms.update(self._embedding_losses(q, d, k))
+            terms.update(self._embedding_losses(q, d, k, batch.get("exclude")))
             total = sum(self.weights[name] * value for name, value in terms.items())
             self.manual_backward(total)
         self.optimizer_step_now()
@@ -106,6 +107,8 @@ class SFTContrastiveModule(AdapterTrainingModule):
         total = sum(self.weights[name] * float(value) for name, value in terms.items())
         self.log_dict({f"train/{name}": float(v) for name, v in terms.items()}, batch_size=len(batch["queries"]["input_ids"]))
         self.log("train/loss", total, prog_bar=True, batch_size=len(batch["queries"]["input_ids"]))
+        if "exclude" in batch:  # known positives of a query that sat in the batch as another row's document
+            self.log("train/masked_negatives", float(batch["exclude"].sum()), batch_size=len(batch["queries"]["input_ids"]))
         return torch.tensor(total)
 
     def _cached_step(self, batch: dict[str, Any], k: int) -> dict[str, Tensor]:
@@ -120,7 +123,7 @@ class SFTContrastiveModule(AdapterTrainingModule):
         parts: dict[str, Tensor] = {}
 
         def loss_fn(reps: Tensor) -> Tensor:
-            losses = self._embedding_losses(reps[:b], reps[b:], k)
+            losses = self._embedding_losses(reps[:b], reps[b:], k, batch.get("exclude"))
             parts.update({name: v.detach() for name, v in losses.items()})
             return sum(self.weights[name] * v for name, v in losses.items())
 

@@ -23,6 +23,21 @@ def test_info_nce_hand_computed() -> None:
     assert loss.item() == pytest.approx((l0 + l1) / 2, abs=1e-6)
 
 
+def test_info_nce_drops_excluded_documents_from_the_denominator_only() -> None:
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    # Document 2 is a known positive of query 1 (not its training positive): gone from its denominator.
+    # Query 0 also tries to exclude its own positive, which must be ignored.
+    exclude = torch.tensor([[True, False, False], [False, False, True]])
+    loss = info_nce_loss(q, d, torch.tensor([0, 1]), tau=0.5, exclude=exclude)
+    l0 = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(1.2)))
+    l1 = -math.log(math.exp(2) / (1 + math.exp(2)))
+    assert loss.item() == pytest.approx((l0 + l1) / 2, abs=1e-6)
+    none = torch.zeros_like(exclude)
+    assert info_nce_loss(q, d, torch.tensor([0, 1]), 0.5, exclude=none).item() == pytest.approx(
+        info_nce_loss(q, d, torch.tensor([0, 1]), 0.5).item())
+
+
 def test_triplet_hand_computed_and_hardest_negative() -> None:
     q = torch.tensor([[1.0, 0.0]])
     p = torch.tensor([[0.8, 0.6]])  # cos 0.8 -> distance 0.2

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.mining import judged_in_any_split, main
+from datamodules.beir_files import judged_in_any_split
+from datamodules.mining import main
 from datamodules.training_rows import read_training_rows
 
 

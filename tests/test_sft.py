@@ -126,3 +126,35 @@ def test_two_process_ddp_trains_with_the_no_duplicates_sampler(tiny_lm_dir: Path
     trainer.fit(module, datamodule=_data(mini_train_root))
     after = _trainable(module)  # ddp_spawn copies rank 0's weights back into this process
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_known_positives_of_other_rows_are_masked_on_real_nfcorpus(tiny_lm, data_root: Path) -> None:
+    """NFCorpus documents are relevant to many train queries: the collator must flag exactly the batch
+    documents the qrels judge relevant to a query other than its own positive."""
+    import csv
+
+    dm = ContrastiveDataModule(data_root=str(data_root), train_files=["train/nfcorpus_train_triples.jsonl.gz"],
+                               batch_size=12, num_negatives=1, val_queries=2, val_corpus_docs=10, max_rows=600)
+    dm.setup("fit")
+    dm.collator.encoder = tiny_lm
+    relevant: dict[str, set[str]] = {}
+    with open(data_root / "beir" / "nfcorpus" / "qrels" / "train.tsv") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            if int(row["score"]) > 0:
+                relevant.setdefault(row["query-id"], set()).add(row["corpus-id"])
+    rows, masked = dm.rows, 0
+    for batch_rows in list(iter(dm.train_dataloader().batch_sampler))[:20]:
+        items = [dm.train_dataloader().dataset[i] for i in batch_rows]
+        exclude = dm.collator(items)["exclude"]
+        doc_ids = [rows[i].pos_id for i in batch_rows] + [rows[i].neg_ids[0] for i in batch_rows]
+        for a, i in enumerate(batch_rows):
+            expected = [j != a and d in relevant.get(rows[i].query_id, set()) for j, d in enumerate(doc_ids)]
+            assert exclude[a].tolist() == expected
+        masked += int(exclude.sum())
+    assert masked > 0, "20 NFCorpus batches without a single shared relevant document: the mask is not wired"
+    dm_off = ContrastiveDataModule(data_root=str(data_root), train_files=["train/nfcorpus_train_triples.jsonl.gz"],
+                                   batch_size=12, val_queries=2, val_corpus_docs=10, max_rows=50,
+                                   mask_known_positives=False)
+    dm_off.setup("fit")
+    dm_off.collator.encoder = tiny_lm
+    assert not dm_off.collator([dm_off.train_dataloader().dataset[i] for i in range(4)])["exclude"].any()
