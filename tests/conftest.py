@@ -108,7 +108,7 @@ def tiny_lm(tiny_lm_dir: Path, tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real default model, loaded once for all marked tests (bf16, as the default config runs it)."""
+    """The real default model, loaded once for all marked tests (dtype ``auto``, as the default config runs it)."""
     from lightning_modules.embedding_lm import EmbeddingLM
 
     return EmbeddingLM(cache_dir=str(REPO / ".cache" / "search_r3" / "models"), show_progress=False,

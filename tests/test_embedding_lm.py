@@ -227,3 +227,16 @@ def test_adapter_refuses_another_base_model(tiny_lm: EmbeddingLM, tiny_lm_dir: P
     (tmp_path / "row" / "search_r3.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="was trained on base model 'smollm2-135m-instruct'"):
         EmbeddingLM(base_model=str(tiny_lm_dir), adapter=str(tmp_path / "row"))
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_runs_it_natively() -> None:
+    import torch
+
+    from lightning_modules.embedding_lm import resolve_dtype
+
+    assert resolve_dtype("float32") is torch.float32 and resolve_dtype("bfloat16") is torch.bfloat16
+    if torch.cuda.is_available():
+        native = torch.cuda.is_bf16_supported()
+    else:  # oneDNN's own check: AVX512-BF16 or AMX; without them bf16 GEMMs take a ~50x slower path
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_dtype("auto") is (torch.bfloat16 if native else torch.float32)
