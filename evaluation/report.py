@@ -30,6 +30,7 @@ class ResultRow:
     trained_on: list[str] | None = None  # datasets whose train split the model was fitted on
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
     checkpoint_digest: str | None = None  # content digest of the checkpoint folder as loaded
+    precision: str | None = None  # compute dtype of a neural retriever (bf16 / fp32)
 
     @property
     def protocol(self) -> str | None:
@@ -52,6 +53,8 @@ class ResultRow:
         out.update({"num_queries": self.num_queries, "num_docs": self.num_docs, "corpus_size": self.corpus_size,
                     "command": self.command, "wall_time_s": self.wall_time_s,
                     "documents_from_cache": self.documents_from_cache, "device": self.device, "date": self.date})
+        if self.precision:
+            out["precision"] = self.precision
         if self.trained_on:
             out.update({"trained_on": self.trained_on, "protocol": self.protocol})
         return out

@@ -3,7 +3,8 @@
 Rows are written only when a run asks for it (``record_results``), never by default, and
 ``docs/results.md`` is regenerated from the JSON each time so the two cannot disagree.
 A row is replaced when the same command records the same retriever, mode, checkpoint (path and content
-digest), dataset, split and size (queries, documents) again, so a retrained adapter at the same path adds
+digest), dataset, split, size (queries, documents) and compute dtype again, so a retrained adapter at the same
+path adds
 rows instead of overwriting the old adapter's; the same system measured by two different commands (say the
 default run and the baselines run) keeps both rows, each with its own wall time.
 """
@@ -19,7 +20,7 @@ REQUIRED_KEYS = (
     "retriever", "mode", "checkpoint", "dataset", "split", "nDCG@10", "R@100", "RR@10", "command", "wall_time_s",
 )
 _IDENTITY = ("retriever", "mode", "checkpoint", "checkpoint_digest", "dataset", "split", "num_queries", "num_docs",
-             "command")
+             "command", "precision")
 
 
 def load_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -80,9 +81,11 @@ def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") ->
         "an adapter was fitted on: *in-domain* rows share the corpus (not BEIR's zero-shot protocol),",
         "*cross-domain* rows do not. `@digest` after a checkpoint is the content digest of the adapter",
         "folder that was loaded: the same path with another digest is another (retrained) adapter.",
+        "`where` is the device and, for neural retrievers, the compute dtype: bf16 and fp32 runs of one",
+        "command are separate rows (scores differ in the third decimal, wall times several-fold).",
         "",
-        "| dataset | split | retriever | mode | checkpoint | trained on | nDCG@10 | R@100 | RR@10 | queries | docs | wall time (s) | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | split | retriever | mode | checkpoint | trained on | nDCG@10 | R@100 | RR@10 | queries | docs | wall time (s) | where | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         docs = _fmt(r.get("num_docs"))
@@ -92,6 +95,7 @@ def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") ->
             r["dataset"], r["split"], r["retriever"], _fmt(r["mode"]), _checkpoint(r), _trained(r),
             _fmt(r["nDCG@10"]), _fmt(r["R@100"]), _fmt(r["RR@10"]), _fmt(r.get("num_queries")), docs,
             f"{r['wall_time_s']:.0f}" + (" (docs cached)" if r.get("documents_from_cache") else ""),
+            r.get("device", "–") + (f", {r['precision']}" if r.get("precision") else ""),
             f"`{r['command']}`",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -49,6 +49,12 @@ class Retriever(nn.Module):
         """Content digest of the checkpoint; a path alone cannot tell a retrained adapter from the old one."""
         return None
 
+    @property
+    def precision(self) -> str | None:
+        """Compute dtype of a neural retriever (``bf16``/``fp32``): it moves scores in the third decimal
+        and wall times several-fold, so result rows carry it."""
+        return None
+
     def fingerprint(self) -> str:
         """What determines the document representation (cache key for document embeddings/indexes)."""
         raise NotImplementedError
@@ -83,6 +89,10 @@ class EmbeddingLMRetriever(DenseRetriever):
     def checkpoint_digest(self) -> str | None:
         return self.encoder.adapter_digest
 
+    @property
+    def precision(self) -> str | None:
+        return _short_dtype(self.encoder.lm.dtype)
+
     def fingerprint(self) -> str:
         return self.encoder.fingerprint()
 
@@ -110,6 +120,10 @@ class SentenceTransformerRetriever(DenseRetriever):
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
         self.batch_size = batch_size
+
+    @property
+    def precision(self) -> str | None:
+        return _short_dtype(next(self.model.parameters()).dtype)
 
     def fingerprint(self) -> str:
         return f"st|{self.model_path.name}|{self.model.max_seq_length}|{_folder_digest(self.model_path)}"
@@ -222,3 +236,7 @@ class BM25Retriever(Retriever):
             run[qid] = dict(ranked[:k]) or {}
         searcher.close()
         return run
+
+
+def _short_dtype(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype))

@@ -191,7 +191,7 @@ class RetrievalEvalModule(L.LightningModule):
             num_queries=len(task.queries), num_docs=task.num_docs, corpus_size=task.corpus_size,
             command="search-r3 " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             wall_time_s=round(seconds, 1), device=str(self.device), documents_from_cache=cached,
-            trained_on=retriever.trained_on,
+            trained_on=retriever.trained_on, precision=retriever.precision,
         )
 
     def _report(self, runs: dict[tuple, dict]) -> None:

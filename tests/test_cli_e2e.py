@@ -54,4 +54,5 @@ def test_cli_test_prints_the_numbers_logged_to_mlflow(tmp_path: Path, data_root:
     assert len(rows) == 1 and rows[0]["retriever"] == "smollm2-untrained" and rows[0]["mode"] == "direct"
     assert rows[0]["nDCG@10"] == round(ndcg, 4) and rows[0]["R@100"] == round(run.data.metrics["test/scifact/smollm2-untrained.direct/R_at_100"], 4)
     assert rows[0]["command"].startswith("search-r3 test --config cli.yaml")
+    assert rows[0]["precision"] in {"bf16", "fp32"}  # dtype auto resolved, and recorded with the numbers
     assert results.with_suffix(".md").is_file()

@@ -101,6 +101,15 @@ def test_results_record_keeps_rows_of_two_adapters_saved_at_one_path(tmp_path: P
     assert "runs/sft/adapter/best @aaaaaaaa |" in md and "runs/sft/adapter/best @bbbbbbbb |" in md
 
 
+def test_results_record_keeps_a_bf16_and_an_fp32_run_of_one_command(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    record_rows([_row(retriever="smollm2-untrained", precision="bf16", device="cpu")], path)
+    record_rows([_row(retriever="smollm2-untrained", precision="fp32", device="cpu", **{"nDCG@10": 0.51})], path)
+    assert sorted(r["precision"] for r in json.loads(path.read_text())) == ["bf16", "fp32"]
+    md = path.with_suffix(".md").read_text()
+    assert "| cpu, bf16 |" in md and "| cpu, fp32 |" in md
+
+
 def test_paired_comparison_of_two_runs_read_back_from_trec_files(tmp_path: Path) -> None:
     # B ranks q1's best document first (nDCG 1) and misses q2 (nDCG 0): per query A - B is
     # 0.8597 - 1 and 0.3869 - 0, values known from the trec_eval case above.
