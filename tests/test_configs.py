@@ -25,6 +25,7 @@ RECIPES: list[tuple[str, list[str]]] = [
     ("test", ["configs/mkqa.yaml"]),
     ("test", ["configs/sft-table.yaml"]),
     ("test", ["configs/sft-long-table.yaml"]),
+    ("test", ["configs/sft-nfcorpus-table.yaml"]),
     ("test", ["configs/rl-table.yaml"]),
     ("fit", ["configs/sft.yaml"]),
     ("fit", ["configs/sft.yaml", "configs/sft-nfcorpus.yaml"]),
