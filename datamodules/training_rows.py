@@ -86,12 +86,29 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.epoch = 0
         self._len_cache: tuple[int, int] | None = None
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Make the next pass over ``epoch`` start after its first ``batches_done`` batches (this rank's).
+
+        A run interrupted mid-epoch must go on with the batches it had not reached; replaying the
+        epoch's first batches would train on them twice and never on the rest. The packing is a pure
+        function of (seed, epoch), so skipping is all it takes."""
+        self._resume = (epoch, batches_done)
+
+    def batches_before(self, epoch: int) -> int:
+        """This rank's batches in all epochs before ``epoch`` (epoch lengths vary with the packing)."""
+        return sum(len(self._shard(self._batches(e))) for e in range(epoch))
+
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._shard(self._batches(self.epoch)))
+        batches = self._shard(self._batches(self.epoch))
+        if self._resume is not None and self._resume[0] == self.epoch:
+            batches = batches[self._resume[1] :]
+            self._resume = None
+        return iter(batches)
 
     def _replicas(self) -> tuple[int, int]:
         if self.num_replicas is not None:

@@ -110,6 +110,36 @@ def test_resume_reaches_the_uninterrupted_state(tiny_lm_dir: Path, mini_train_ro
         torch.testing.assert_close(_trainable(resumed)[name], value, atol=1e-6, rtol=0)
 
 
+class _StopAtStep(L.Callback):
+    """An interruption in the middle of an epoch, right after the checkpoint of step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "mid.ckpt")
+            trainer.should_stop = True
+
+
+def test_resume_in_the_middle_of_an_epoch_continues_with_the_next_batch(tiny_lm_dir: Path, mini_train_root: Path,
+                                                                         tmp_path: Path) -> None:
+    """The CPU recipe stops mid-epoch (60 steps of 12 rows, 72 batches an epoch): a resumed run must
+    train on the batches the interrupted one had not reached, not replay the epoch's first ones."""
+    data_kw = {"max_rows": 16}  # 4 batches an epoch; the interruption comes after 2
+    straight = _module(tiny_lm_dir, tmp_path / "a")
+    _trainer(tmp_path / "a", max_steps=4, limit_val_batches=0).fit(straight, datamodule=_data(mini_train_root, **data_kw))
+    first = _module(tiny_lm_dir, tmp_path / "b")
+    trainer = _trainer(tmp_path / "b", max_steps=4, limit_val_batches=0, callbacks=[_StopAtStep(2)])
+    trainer.fit(first, datamodule=_data(mini_train_root, **data_kw))
+    assert trainer.global_step == 2
+    resumed = _module(tiny_lm_dir, tmp_path / "c")
+    _trainer(tmp_path / "c", max_steps=4, limit_val_batches=0).fit(
+        resumed, datamodule=_data(mini_train_root, **data_kw), ckpt_path=str(tmp_path / "b" / "mid.ckpt"))
+    for name, value in _trainable(straight).items():
+        torch.testing.assert_close(_trainable(resumed)[name], value, atol=1e-6, rtol=0)
+
+
 def test_needs_lora(tiny_lm_dir: Path) -> None:
     with pytest.raises(ValueError, match="lora"):
         SFTContrastiveModule(EmbeddingLM(base_model=str(tiny_lm_dir), show_progress=False))
