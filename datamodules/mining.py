@@ -1,12 +1,17 @@
-"""``search-r3-mine``: BM25 hard negatives for a BEIR dataset, in the training-row format.
+"""``search-r3-mine``: hard negatives for a BEIR dataset, in the training-row format, from BM25 or the model.
 
     search-r3-mine --dataset ../shared/data/beir/scifact --out runs/mined/scifact.jsonl.gz --window 10 100
+    search-r3-mine --dataset ../shared/data/beir/scifact --out runs/mined/scifact-sft.jsonl.gz \
+        --adapter runs/sft/adapter/best --window 10 100        # ranked by the current Stage-1 model
 
-For every judged query of ``--split`` and each of its positives, the negatives are BM25's ranks inside
-``--window`` (0-based, end exclusive) minus every document judged for that query in *any* split
+For every judged query of ``--split`` and each of its positives, the negatives are the ranker's ranks
+inside ``--window`` (0-based, end exclusive) minus every document judged for that query in *any* split
 (a judged document is never a negative; unjudged does not mean irrelevant, so skipping the top ranks
-with the window lowers the false-negative rate). Rows: ``{"dataset", "split", "query_id", "query",
-"pos_id", "pos_score", "neg_ids"}``, readable by :func:`datamodules.training_rows.read_training_rows`.
+with the window lowers the false-negative rate). The ranker is BM25 (pyserini), or with ``--adapter``
+the search-r3 wrapper itself (``none``: the untrained wrapper) in direct mode, exact search: negatives
+the current model confuses with positives, the usual second round of mining. Rows: ``{"dataset",
+"split", "query_id", "query", "pos_id", "pos_score", "neg_ids"}``, readable by
+:func:`datamodules.training_rows.read_training_rows`.
 """
 
 from __future__ import annotations
@@ -18,17 +23,41 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from datamodules.beir import BEIRDataModule
+from datamodules.beir import BEIRDataModule, RetrievalTask
 from datamodules.beir_files import judged_in_any_split
 
 log = logging.getLogger(__name__)
 
+Run = dict[str, dict[str, float]]
 
-def mine_bm25_negatives(dataset_dir: Path, split: str = "train", window: tuple[int, int] = (0, 100),
-                        num_negatives: int = 30, index_dir: str = ".cache/search_r3/bm25",
-                        max_queries: int | None = None) -> Iterator[dict]:
+
+def bm25_ranking(task: RetrievalTask, k: int, index_dir: str = ".cache/search_r3/bm25") -> Run:
     from evaluation.retrievers import BM25Retriever
 
+    return BM25Retriever(index_dir=index_dir).search(task, k=k)
+
+
+def model_ranking(task: RetrievalTask, k: int, adapter: str | None, base_model: str = "smollm2-135m-instruct",
+                  max_document_tokens: int = 256) -> Run:
+    """Exact top-k of the search-r3 wrapper (direct mode) over the task's corpus."""
+    from evaluation.metrics import build_run
+    from evaluation.search import exact_topk
+    from lightning_modules.embedding_lm import EmbeddingLM
+
+    encoder = EmbeddingLM(base_model=base_model, adapter=adapter, max_document_tokens=max_document_tokens)
+    with encoder.inference():
+        docs = encoder.encode(task.load_texts(), "document")
+        queries = encoder.encode(list(task.queries.values()), "query")
+    scores, idx = exact_topk(queries, docs, k=min(k + 1, len(task.doc_ids)))
+    return build_run(list(task.queries), task.doc_ids, scores, idx)
+
+
+def mine_negatives(dataset_dir: Path, split: str = "train", window: tuple[int, int] = (0, 100),
+                   num_negatives: int = 30, index_dir: str = ".cache/search_r3/bm25", max_queries: int | None = None,
+                   adapter: str | None = None, use_model: bool = False,
+                   base_model: str = "smollm2-135m-instruct") -> Iterator[dict]:
+    """Training rows with negatives from BM25 (default) or, with ``use_model``, the wrapper loaded with
+    ``adapter`` (``None``: untrained)."""
     lo, hi = window
     if not 0 <= lo < hi:
         raise ValueError(f"rank window must satisfy 0 <= start < end, got {window}")
@@ -37,10 +66,10 @@ def mine_bm25_negatives(dataset_dir: Path, split: str = "train", window: tuple[i
     dm.setup("fit")
     task = dm.tasks[0]
     judged = judged_in_any_split(dataset_dir)
-    run = BM25Retriever(index_dir=index_dir).search(task, k=hi)
+    run = model_ranking(task, hi, adapter, base_model) if use_model else bm25_ranking(task, hi, index_dir)
     for qid, text in task.queries.items():
-        ranked = list(run.get(qid, {}))[lo:hi]
-        negatives = [d for d in ranked if d not in judged.get(qid, set())][:num_negatives]
+        ranked = sorted(run.get(qid, {}).items(), key=lambda item: -item[1])
+        negatives = [d for d, _ in ranked[lo:hi] if d not in judged.get(qid, set())][:num_negatives]
         for pos_id, score in task.qrels[qid].items():
             if score > 0:
                 yield {"dataset": task.name, "split": split, "query_id": qid, "query": text, "pos_id": pos_id,
@@ -55,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, nargs=2, default=(0, 100), metavar=("START", "END"))
     parser.add_argument("--negatives", type=int, default=30)
     parser.add_argument("--index-dir", default=".cache/search_r3/bm25")
+    parser.add_argument("--adapter", default=None,
+                        help="rank with the search-r3 wrapper loaded with this adapter ('none': untrained) instead of BM25")
+    parser.add_argument("--base-model", default="smollm2-135m-instruct", help="the wrapper's base model (with --adapter)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
@@ -62,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     opener = gzip.open if out.suffix == ".gz" else open
     n = 0
     with opener(out, "wt", encoding="utf-8") as fh:
-        for row in mine_bm25_negatives(Path(args.dataset), args.split, tuple(args.window), args.negatives,
-                                       args.index_dir):
+        for row in mine_negatives(Path(args.dataset), args.split, tuple(args.window), args.negatives,
+                                  args.index_dir, adapter=None if args.adapter in (None, "none") else args.adapter,
+                                  use_model=args.adapter is not None, base_model=args.base_model):
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     log.info("wrote %d rows to %s", n, out)
