@@ -24,12 +24,11 @@ RECIPES: list[tuple[str, list[str]]] = [
     ("test", ["configs/baselines.yaml"]),
     ("test", ["configs/mkqa.yaml"]),
     ("test", ["configs/sft-table.yaml"]),
-    ("test", ["configs/sft-long-table.yaml"]),
     ("test", ["configs/sft-nfcorpus-table.yaml"]),
+    ("test", ["configs/sft-scifact-table.yaml"]),
     ("test", ["configs/rl-table.yaml"]),
     ("fit", ["configs/sft.yaml"]),
     ("fit", ["configs/sft.yaml", "configs/sft-nfcorpus.yaml"]),
-    ("fit", ["configs/sft.yaml", "configs/sft-long.yaml"]),
     ("fit", ["configs/sft-gpu.yaml"]),
     ("fit", ["configs/rl.yaml"]),
 ]
