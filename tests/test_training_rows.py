@@ -76,3 +76,16 @@ def test_an_injected_sampler_is_refused_with_the_fix() -> None:
 
     with pytest.raises(TypeError, match="use_distributed_sampler: false"):
         NoDuplicatesBatchSampler(SequentialSampler(range(4)), batch_size=2)
+
+
+def test_resume_skips_the_batches_already_trained_once(nfcorpus_rows) -> None:
+    keys = [r.keys(1) for r in nfcorpus_rows[:200]]
+    sampler = NoDuplicatesBatchSampler(keys, batch_size=16, seed=5)
+    sampler.set_epoch(1)
+    whole = list(sampler)
+    assert sampler.batches_before(1) == len(NoDuplicatesBatchSampler(keys, batch_size=16, seed=5))
+    sampler.resume(1, 3)
+    assert list(sampler) == whole[3:]  # the resumed pass starts at the fourth batch
+    assert list(sampler) == whole  # and only that pass: the next one is the whole epoch again
+    sampler.resume(0, 2)
+    assert list(sampler) == whole  # a resume point for another epoch leaves this one alone
