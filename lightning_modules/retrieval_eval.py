@@ -41,6 +41,14 @@ def _missing_tokens(retriever: Retriever) -> int:
     return int(getattr(getattr(retriever, "encoder", None), "missing_embed_token_count", 0))
 
 
+def _atomic_save(obj: Any, path: Path) -> None:
+    """Write then rename: a run killed mid-write leaves the previous file, never a truncated one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def metric_key(stage: str, task: str, system: str, measure: str) -> str:
     """``test/scifact/bm25/nDCG_at_10``: MLflow rejects '@' in metric names."""
     return f"{stage}/{task}/{system}/{measure.replace('@', '_at_')}"
@@ -58,6 +66,10 @@ class RetrievalEvalModule(L.LightningModule):
         results_file: where recorded rows go.
         output_dir: local copy of run files, tables and plots (also logged to MLflow as artifacts).
         embedding_cache_dir: cached document embeddings of dense retrievers; ``null`` disables it.
+        partial_save_s: while a corpus is being encoded, save what is done at most this often (seconds)
+            beside the cache, so an interrupted run resumes where it stopped; ``0`` saves after every
+            batch, ``null`` never. A full corpus takes about an hour on a 2-core CPU: losing it to a
+            crash or a killed job is the common case, not the exception.
     """
 
     def __init__(
@@ -69,6 +81,7 @@ class RetrievalEvalModule(L.LightningModule):
         results_file: str = "docs/results.json",
         output_dir: str = "runs/eval",
         embedding_cache_dir: str | None = ".cache/search_r3/doc_embeddings",
+        partial_save_s: float | None = 120.0,
     ) -> None:
         super().__init__()
         if not retrievers:
@@ -88,6 +101,9 @@ class RetrievalEvalModule(L.LightningModule):
         self._seconds: dict[tuple, float] = defaultdict(float)
         self._missing: dict[tuple, int] = defaultdict(int)  # reasoning queries whose token was appended
         self._cached: dict[tuple[int, str], torch.Tensor] = {}
+        self.partial_save_s = partial_save_s
+        self._resumed: dict[tuple[int, str], set[int]] = {}  # document indices taken from a partial file
+        self._last_partial_save: dict[tuple[int, str], float] = {}
 
     # ------------------------------------------------------------------ loop
     def on_test_epoch_start(self) -> None:
@@ -96,6 +112,8 @@ class RetrievalEvalModule(L.LightningModule):
         self._seconds.clear()
         self._missing.clear()
         self._cached = {}
+        self._resumed = {}
+        self._last_partial_save = {}
         for i, retriever in enumerate(self.retrievers):
             if isinstance(retriever, DenseRetriever):
                 for task in self.trainer.datamodule.tasks:
@@ -103,6 +121,8 @@ class RetrievalEvalModule(L.LightningModule):
                     if path is not None and path.is_file():
                         self._cached[(i, task.name)] = torch.load(path, weights_only=True)
                         log.info("%s: reusing cached %s document embeddings (%s)", retriever.name, task.name, path)
+                    elif path is not None:
+                        self._load_partial(i, retriever, task, path)
 
     def test_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
         task, kind, texts = batch["task"][0], batch["kind"][0], batch["text"]
@@ -112,9 +132,15 @@ class RetrievalEvalModule(L.LightningModule):
             if kind == "document":
                 if (i, task) in self._cached:
                     continue
+                done = self._resumed.get((i, task), set())
+                todo = [k for k, index in enumerate(batch["index"]) if index not in done]
+                if not todo:
+                    continue
                 start = time.perf_counter()
-                self.store.add((i, task, "document"), batch["index"], retriever.encode_documents(texts))
+                self.store.add((i, task, "document"), [batch["index"][k] for k in todo],
+                               retriever.encode_documents([texts[k] for k in todo]))
                 self._seconds[(i, task)] += time.perf_counter() - start
+                self._maybe_save_partial(i, retriever, task)
             else:
                 for mode in retriever.modes:
                     start = time.perf_counter()
@@ -163,11 +189,45 @@ class RetrievalEvalModule(L.LightningModule):
         docs = self._collect((i, task.name, "document"), task.num_docs, f"{task.name} documents")
         path = self._cache_path(retriever, task)
         if path is not None and self.trainer.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(docs, tmp)
-            tmp.replace(path)
+            _atomic_save(docs, path)
+        if path is not None:
+            self._partial_path(path).unlink(missing_ok=True)  # each rank removes its own
         return docs
+
+    # ------------------------------------------------------------------ resumable encoding
+    def _partial_path(self, cache_path: Path) -> Path:
+        """Per rank: under DDP each rank encodes its own shard and resumes only that."""
+        return cache_path.with_name(f"{cache_path.stem}.partial-rank{self.global_rank}.pt")
+
+    def _load_partial(self, i: int, retriever: DenseRetriever, task: RetrievalTask, cache_path: Path) -> None:
+        path = self._partial_path(cache_path)
+        if not path.is_file():
+            return
+        saved = torch.load(path, weights_only=True)
+        indices = saved["indices"].tolist()
+        if indices and (min(indices) < 0 or max(indices) >= task.num_docs):
+            log.warning("%s: ignoring %s, its document indices do not fit the %d-document corpus",
+                        retriever.name, path, task.num_docs)
+            return
+        self.store.add((i, task.name, "document"), indices, saved["embeddings"])
+        self._resumed[(i, task.name)] = set(indices)
+        self._seconds[(i, task.name)] += float(saved.get("seconds", 0.0))
+        log.info("%s: resuming %s documents, %d of %d already encoded (%s)", retriever.name, task.name,
+                 len(set(indices)), task.num_docs, path)
+
+    def _maybe_save_partial(self, i: int, retriever: DenseRetriever, task: str) -> None:
+        if self.partial_save_s is None or self.embedding_cache_dir is None:
+            return
+        now = time.monotonic()
+        last = self._last_partial_save.setdefault((i, task), now)
+        if now - last < self.partial_save_s:
+            return
+        self._last_partial_save[(i, task)] = now
+        task_obj = next(t for t in self.trainer.datamodule.tasks if t.name == task)
+        path = self._cache_path(retriever, task_obj)
+        indices, embeddings = self.store.stacked((i, task, "document"))
+        _atomic_save({"indices": indices, "embeddings": embeddings, "seconds": self._seconds[(i, task)]},
+                     self._partial_path(path))
 
     def _cache_path(self, retriever: Retriever, task: RetrievalTask) -> Path | None:
         if self.embedding_cache_dir is None:

@@ -13,13 +13,26 @@ from lightning_modules.embedding_lm import EmbeddingLM
 from lightning_modules.retrieval_eval import RetrievalEvalModule
 
 
-def _run(tiny_lm_dir: Path, root: Path, tmp_path: Path, **encoder_kw) -> tuple[RetrievalEvalModule, list[int]]:
+class _Killed(Exception):
+    """Stands in for a crash or a killed job in the middle of encoding the corpus."""
+
+
+def _run(tiny_lm_dir: Path, root: Path, tmp_path: Path, fail_after: int | None = None, cache: str = "cache",
+         partial_save_s: float | None = 120.0, **encoder_kw) -> tuple[RetrievalEvalModule, list[int]]:
     encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, **encoder_kw)
     calls: list[int] = []
     original = encoder.encode_documents
-    encoder.encode_documents = lambda texts, batch_size=None: calls.append(len(texts)) or original(texts, batch_size)
+
+    def counted(texts, batch_size=None):
+        if fail_after is not None and len(calls) == fail_after:
+            raise _Killed
+        calls.append(len(texts))
+        return original(texts, batch_size)
+
+    encoder.encode_documents = counted
     module = RetrievalEvalModule([EmbeddingLMRetriever(encoder, name="tiny", modes=["direct", "reasoning"])],
-                                 output_dir=str(tmp_path / "out"), embedding_cache_dir=str(tmp_path / "cache"))
+                                 output_dir=str(tmp_path / "out"), embedding_cache_dir=str(tmp_path / cache),
+                                 partial_save_s=partial_save_s)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.test(module, datamodule=BEIRDataModule(data_root=str(root), datasets=["scifact"], batch_size=16))
     return module, calls
@@ -38,6 +51,20 @@ def test_second_run_reuses_document_embeddings_until_the_model_changes(tiny_lm_d
     assert sum(calls) == first.rows[0].num_docs  # another truncation: another representation, re-encoded
     out = sorted(p.name for p in next((tmp_path / "out").iterdir()).iterdir())
     assert {"metrics.json", "results.md", "nDCG_at_10.png", "run.scifact.tiny.direct.trec"} <= set(out)
+
+
+def test_an_interrupted_run_resumes_the_corpus_where_it_stopped(tiny_lm_dir: Path, mini_scifact: Path,
+                                                                 tmp_path: Path) -> None:
+    straight, _ = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, cache="straight", max_reasoning_tokens=4)
+    num_docs = straight.rows[0].num_docs  # 48 documents, batches of 16: killed after two of three
+    with pytest.raises(_Killed):
+        _run(tiny_lm_dir, mini_scifact.parent, tmp_path, fail_after=2, partial_save_s=0, max_reasoning_tokens=4)
+    assert len(list((tmp_path / "cache").glob("*.partial-rank0.pt"))) == 1
+    resumed, calls = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, partial_save_s=0, max_reasoning_tokens=4)
+    assert sum(calls) == num_docs - 32  # only the batch the killed run had not reached
+    assert [r.metrics for r in resumed.rows] == [r.metrics for r in straight.rows]
+    assert list((tmp_path / "cache").glob("*.partial*")) == []  # the finished cache replaces the partial file
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
 
 
 def test_retriever_names_must_be_unique(tiny_lm_dir: Path) -> None:
