@@ -82,7 +82,7 @@ def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") ->
         "*cross-domain* rows do not. `@digest` after a checkpoint is the content digest of the adapter",
         "folder that was loaded: the same path with another digest is another (retrained) adapter.",
         "`where` is the device and, for neural retrievers, the compute dtype: bf16 and fp32 runs of one",
-        "command are separate rows (scores differ by a few thousandths, wall times several-fold).",
+        "command are separate rows (the dtype changes scores and, on CPUs without native bf16, wall times many-fold).",
         "",
         "| dataset | split | retriever | mode | checkpoint | trained on | nDCG@10 | R@100 | RR@10 | queries | docs | wall time (s) | where | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

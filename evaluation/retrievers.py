@@ -51,8 +51,8 @@ class Retriever(nn.Module):
 
     @property
     def precision(self) -> str | None:
-        """Compute dtype of a neural retriever (``bf16``/``fp32``): it moves scores in the third decimal
-        and wall times several-fold, so result rows carry it."""
+        """Compute dtype of a neural retriever (``bf16``/``fp32``): it changes scores, and wall times
+        many-fold on CPUs without native bf16, so result rows carry it."""
         return None
 
     def fingerprint(self) -> str:
