@@ -103,6 +103,7 @@ class RetrievalEvalModule(L.LightningModule):
         self._cached: dict[tuple[int, str], torch.Tensor] = {}
         self.partial_save_s = partial_save_s
         self._resumed: dict[tuple[int, str], set[int]] = {}  # document indices taken from a partial file
+        self._partial: dict[tuple[int, str], Path] = {}  # where each corpus being encoded saves its progress
         self._last_partial_save: dict[tuple[int, str], float] = {}
 
     # ------------------------------------------------------------------ loop
@@ -113,6 +114,7 @@ class RetrievalEvalModule(L.LightningModule):
         self._missing.clear()
         self._cached = {}
         self._resumed = {}
+        self._partial = {}
         self._last_partial_save = {}
         for i, retriever in enumerate(self.retrievers):
             if isinstance(retriever, DenseRetriever):
@@ -122,7 +124,10 @@ class RetrievalEvalModule(L.LightningModule):
                         self._cached[(i, task.name)] = torch.load(path, weights_only=True)
                         log.info("%s: reusing cached %s document embeddings (%s)", retriever.name, task.name, path)
                     elif path is not None:
-                        self._load_partial(i, retriever, task, path)
+                        # Resolved once here: the cache key hashes the corpus, too slow for every batch.
+                        self._partial[(i, task.name)] = path.with_name(f"{path.stem}.partial-rank{self.global_rank}.pt")
+                        self._last_partial_save[(i, task.name)] = time.monotonic()
+                        self._load_partial(i, retriever, task)
 
     def test_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
         task, kind, texts = batch["task"][0], batch["kind"][0], batch["text"]
@@ -140,7 +145,7 @@ class RetrievalEvalModule(L.LightningModule):
                 self.store.add((i, task, "document"), [batch["index"][k] for k in todo],
                                retriever.encode_documents([texts[k] for k in todo]))
                 self._seconds[(i, task)] += time.perf_counter() - start
-                self._maybe_save_partial(i, retriever, task)
+                self._maybe_save_partial(i, task)
             else:
                 for mode in retriever.modes:
                     start = time.perf_counter()
@@ -190,17 +195,14 @@ class RetrievalEvalModule(L.LightningModule):
         path = self._cache_path(retriever, task)
         if path is not None and self.trainer.is_global_zero:
             _atomic_save(docs, path)
-        if path is not None:
-            self._partial_path(path).unlink(missing_ok=True)  # each rank removes its own
+        if (i, task.name) in self._partial:
+            self._partial[(i, task.name)].unlink(missing_ok=True)  # each rank removes its own
         return docs
 
     # ------------------------------------------------------------------ resumable encoding
-    def _partial_path(self, cache_path: Path) -> Path:
-        """Per rank: under DDP each rank encodes its own shard and resumes only that."""
-        return cache_path.with_name(f"{cache_path.stem}.partial-rank{self.global_rank}.pt")
-
-    def _load_partial(self, i: int, retriever: DenseRetriever, task: RetrievalTask, cache_path: Path) -> None:
-        path = self._partial_path(cache_path)
+    # Partial files are per rank: under DDP each rank encodes its own shard and resumes only that.
+    def _load_partial(self, i: int, retriever: DenseRetriever, task: RetrievalTask) -> None:
+        path = self._partial[(i, task.name)]
         if not path.is_file():
             return
         saved = torch.load(path, weights_only=True)
@@ -215,19 +217,16 @@ class RetrievalEvalModule(L.LightningModule):
         log.info("%s: resuming %s documents, %d of %d already encoded (%s)", retriever.name, task.name,
                  len(set(indices)), task.num_docs, path)
 
-    def _maybe_save_partial(self, i: int, retriever: DenseRetriever, task: str) -> None:
-        if self.partial_save_s is None or self.embedding_cache_dir is None:
+    def _maybe_save_partial(self, i: int, task: str) -> None:
+        if self.partial_save_s is None or (i, task) not in self._partial:
             return
         now = time.monotonic()
-        last = self._last_partial_save.setdefault((i, task), now)
-        if now - last < self.partial_save_s:
+        if now - self._last_partial_save[(i, task)] < self.partial_save_s:
             return
         self._last_partial_save[(i, task)] = now
-        task_obj = next(t for t in self.trainer.datamodule.tasks if t.name == task)
-        path = self._cache_path(retriever, task_obj)
         indices, embeddings = self.store.stacked((i, task, "document"))
         _atomic_save({"indices": indices, "embeddings": embeddings, "seconds": self._seconds[(i, task)]},
-                     self._partial_path(path))
+                     self._partial[(i, task)])
 
     def _cache_path(self, retriever: Retriever, task: RetrievalTask) -> Path | None:
         if self.embedding_cache_dir is None:
