@@ -13,7 +13,6 @@ test query.
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.beir import BEIRDataModule
 from datamodules.beir_files import DataFormatError, find_file, iter_corpus, judged_in_any_split
-from datamodules.training_rows import NoDuplicatesBatchSampler, TrainingRow, read_training_rows
+from datamodules.training_rows import NoDuplicatesBatchSampler, TrainingRow, read_training_rows, resumable_loader
 
 log = logging.getLogger(__name__)
 
@@ -153,29 +152,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         dataset = RowDataset(self.rows, self.texts, self.num_negatives)
         sampler = NoDuplicatesBatchSampler([r.keys(self.num_negatives) for r in self.rows], self.batch_size,
                                            seed=self.seed)
-        self._resume_mid_epoch(sampler)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator)
-
-    def _resume_mid_epoch(self, sampler: NoDuplicatesBatchSampler) -> None:
-        """After ``fit(ckpt_path=...)`` from a checkpoint written mid-epoch, skip the batches already trained.
-
-        Lightning restores ``global_step`` and ``current_epoch`` before it asks for this loader, but a
-        plain DataLoader restarts its epoch. Both stage modules take one optimizer step per batch, so
-        the batches done in the current epoch are ``global_step`` minus the earlier epochs' batches.
-        (Gradient accumulation would break that count; the stage modules do not use it.)
-        """
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.global_step == 0:
-            return
-        epoch = trainer.current_epoch
-        done = trainer.global_step - sampler.batches_before(epoch)
-        sampler.set_epoch(epoch)
-        if 0 < done < len(sampler):
-            sampler.resume(epoch, done)
-            log.info("resuming epoch %d after its first %d of %d batches", epoch, done, len(sampler))
-            # Lightning cannot see that this loader resumes (it is not a torchdata StatefulDataLoader)
-            # and would warn that the rest of the epoch is unreliable; here it is not.
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        return resumable_loader(dataset, sampler, self.collator, getattr(self, "trainer", None))
 
     def val_dataloader(self) -> list[DataLoader]:
         assert self.validation is not None

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.beir import BEIRDataModule, RetrievalTask
 from datamodules.beir_files import DataFormatError
+from datamodules.training_rows import NoDuplicatesBatchSampler, resumable_loader
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class RLQueryDataModule(L.LightningDataModule):
         max_queries: cap on training queries after the hold-out (quick runs).
         batch_size: queries per step (each is sampled ``group_size`` times by the module).
         val_queries / val_corpus_docs: size of the held-out validation task.
-        seed: shuffling seed.
+        seed: shuffling seed (the order of each epoch is a function of it and the epoch).
     """
 
     def __init__(self, data_root: str = "../shared/data", dataset: str = "beir/scifact", split: str = "train",
@@ -93,9 +94,12 @@ class RLQueryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.task is not None, "call setup() first"
-        # Lightning re-seeds through seed_everything; the sampler's shuffle follows it.
-        return DataLoader(QueryPositives(self.task, self.train_query_ids), batch_size=self.batch_size, shuffle=True,
-                          collate_fn=collate_lists)
+        # The Stage-1 sampler with one key per query: a shuffle that is a pure function of (seed, epoch),
+        # so a run resumed mid-epoch goes on with the queries it had not reached, and sharded by rank
+        # under DDP (`trainer.use_distributed_sampler: false`, as in Stage 1).
+        sampler = NoDuplicatesBatchSampler([{q} for q in self.train_query_ids], self.batch_size, seed=self.seed)
+        return resumable_loader(QueryPositives(self.task, self.train_query_ids), sampler, collate_lists,
+                                getattr(self, "trainer", None))
 
     def val_dataloader(self) -> list[DataLoader]:
         assert self.validation is not None, "call setup() first"

@@ -9,15 +9,20 @@ Texts of documents come from the dataset's corpus by id.
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.beir_files import DataFormatError, iter_jsonl
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,3 +160,29 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         if self._len_cache is None or self._len_cache[0] != self.epoch:
             self._len_cache = (self.epoch, len(self._shard(self._batches(self.epoch))))
         return self._len_cache[1]
+
+
+def resumable_loader(dataset: Dataset, sampler: NoDuplicatesBatchSampler, collate_fn: Callable[[list[Any]], Any],
+                     trainer: Any | None) -> DataLoader:
+    """A training loader that, after ``fit(ckpt_path=...)`` from a mid-epoch checkpoint, skips the batches
+    already trained, and that never draws from the global random streams.
+
+    Lightning restores ``global_step`` and ``current_epoch`` before it asks for the loader, but a plain
+    DataLoader restarts its epoch. Both stage modules take one optimizer step per batch, so the batches
+    done in the current epoch are ``global_step`` minus the earlier epochs' batches. (Gradient
+    accumulation would break that count; the stage modules do not use it.) The loader's own generator
+    keeps its per-epoch seed draw off torch's global stream, which the training steps share (dropout,
+    rollout sampling) and which a resumed run restores from the checkpoint.
+    """
+    if trainer is not None and trainer.global_step > 0:
+        epoch = trainer.current_epoch
+        done = trainer.global_step - sampler.batches_before(epoch)
+        sampler.set_epoch(epoch)
+        if 0 < done < len(sampler):
+            sampler.resume(epoch, done)
+            log.info("resuming epoch %d after its first %d of %d batches", epoch, done, len(sampler))
+            # Lightning cannot see that this loader resumes (it is not a torchdata StatefulDataLoader)
+            # and would warn that the rest of the epoch is unreliable; here it is not.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(sampler.seed))

@@ -11,6 +11,7 @@ Each document keeps the version (training step) it was encoded at.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -136,6 +137,38 @@ class RetrievalEnvironment:
         if step < self.step:
             raise ValueError(f"model versions only move forward: {step} < {self.step}")
         self.step = step
+
+    # ------------------------------------------------------------------ state (checkpoints)
+    def corpus_digest(self) -> str:
+        """Hash of the texts (and ids): a saved state only fits the corpus it was encoded from."""
+        h = hashlib.sha256()
+        for i, text in enumerate(self.texts):
+            h.update(f"{self.doc_ids[i] if self.doc_ids else i}\t{text}\n".encode())
+        return h.hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, object]:
+        """What a resumed run needs to see the same stale vectors: each document's vector and version.
+
+        Re-encoding the corpus on resume would hand the resumed run *fresh* vectors where the
+        uninterrupted one had stale ones, so rewards (and the training) would differ from there on.
+        """
+        return {"vectors": self._require().clone(), "versions": self.versions.clone(), "step": self.step,
+                "corpus": self.corpus_digest()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore a :meth:`state_dict` and rebuild the index from its vectors.
+
+        Exact for :class:`ExactIndex`; an HNSW graph rebuilt in one go is linked differently from one
+        grown by updates, so approximate search may differ in near-ties.
+        """
+        if state.get("corpus") != self.corpus_digest():
+            raise ValueError("the saved environment was encoded from another corpus "
+                             f"({state.get('corpus')} != {self.corpus_digest()}): it cannot be restored here")
+        vectors = torch.as_tensor(state["vectors"]).float().cpu()
+        self.vectors = vectors.clone()
+        self.versions = torch.as_tensor(state["versions"], dtype=torch.long).clone()
+        self.step = int(state["step"])  # type: ignore[arg-type]
+        self.index.reset(self.vectors)
 
     # ------------------------------------------------------------------ refresh
     def full_refresh(self) -> RefreshStats:

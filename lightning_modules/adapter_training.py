@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ class AdapterTrainingModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable parameters only
         self.store = EmbeddingStore()
         self.best_ndcg = -math.inf
+        self._saved_rng: dict[str, Any] | None = None
         self.encoder.train()  # from_pretrained leaves the model in eval mode: LoRA dropout would be off
 
     # ------------------------------------------------------------------ optimisation
@@ -132,6 +134,40 @@ class AdapterTrainingModule(L.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["best_ndcg"] = self.best_ndcg
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best_ndcg = checkpoint.get("best_ndcg", -math.inf)
+        self._saved_rng = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Resume the random streams where the checkpoint left them, right before the first resumed step.
+
+        ``seed_everything`` restarts them at the seed, so a resumed run would draw other rollouts (RL)
+        and other dropout masks than the uninterrupted one. Restoring here, after the data loaders
+        have been rebuilt, leaves out what the rebuild draws; the loaders of both stages draw from
+        their own generators, so nothing in between touches the global streams in either run.
+        """
+        if self._saved_rng is not None:
+            set_rng_states(self._saved_rng)
+            self._saved_rng = None
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random streams a training step draws from (Python's, torch's CPU and CUDA ones).
+
+    Plain tensors and tuples only, so a checkpoint stays loadable with ``weights_only=True``.
+    Under DDP the checkpoint holds rank 0's states and every rank restores them: exact on one device;
+    across ranks the draws differ anyway (rollout lengths differ), so a resumed DDP run is not bit-exact.
+    """
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -100,22 +100,46 @@ class RLModule(AdapterTrainingModule):
         self.index_kind = index
         self.probe_every, self.sample_texts = probe_every, sample_texts
         self.env: RetrievalEnvironment | None = None
+        self._saved_env: dict[str, Any] | None = None
         self.last_rollouts: list[tuple[str, str, float]] = []
 
     # ------------------------------------------------------------------ environment
-    def build_environment(self, texts: list[str], doc_ids: list[str]) -> RetrievalEnvironment:
-        """Index the corpus with the current weights (a full encode: the only one unless the policy asks)."""
+    def build_environment(self, texts: list[str], doc_ids: list[str],
+                          state: dict[str, Any] | None = None) -> RetrievalEnvironment:
+        """Index the corpus with the current weights (a full encode: the only one unless the policy asks),
+        or, resuming, with the stale vectors the checkpoint saved (``state``)."""
         index = HNSWIndex() if self.index_kind == "hnsw" else ExactIndex()
         self.env = RetrievalEnvironment(texts, self.encoder.encode_documents, self.refresh_policy, index, doc_ids)
+        if state is not None:
+            try:
+                self.env.load_state_dict(state)
+                log.info("environment: %d document vectors restored from the checkpoint (step %d)", len(texts),
+                         self.env.step)
+                return self.env
+            except ValueError as err:
+                log.warning("%s; encoding the corpus afresh instead (the resumed run is not exact)", err)
         self.env.set_step(self.global_step)
         stats = self.env.full_refresh()
         log.info("environment: %d documents encoded in %.1f s", len(texts), stats.seconds)
         return self.env
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:
+        # Built here, not in on_fit_start: some strategies (FSDP, DeepSpeed) restore the checkpoint
+        # after on_fit_start, and the environment must be encoded with (or restored for) those weights.
         if self.env is None:
             dm = self.trainer.datamodule
-            self.build_environment(dm.corpus_texts, dm.corpus_ids)
+            self.build_environment(dm.corpus_texts, dm.corpus_ids, self._saved_env)
+            self._saved_env = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.env is not None and self.env.vectors is not None:
+            # Under DDP this is rank 0's copy; every rank restores it (each had refreshed its own).
+            checkpoint["environment"] = self.env.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._saved_env = checkpoint.get("environment")
 
     # ------------------------------------------------------------------ rollouts
     def rollout(self, queries: list[str]) -> dict[str, Tensor | list]:
@@ -146,7 +170,7 @@ class RLModule(AdapterTrainingModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> Tensor:
         env = self.env
-        assert env is not None, "the environment is built in on_fit_start"
+        assert env is not None, "the environment is built in on_train_start"
         positives = [env.positions(p) for p in batch["positives"] for _ in range(self.group_size)]
         r = self.rollout(batch["query"])
         env.set_step(self.global_step)  # model version = optimizer steps taken
@@ -219,7 +243,7 @@ class RLModule(AdapterTrainingModule):
 
     def rollout_rewards(self, emb: Tensor, positives: list[list[int]], missing: Tensor) -> Tensor:
         """Per trajectory: retrieval reward in the environment, with the format rule for ``missing`` ones."""
-        assert self.env is not None, "the environment is built in on_fit_start"
+        assert self.env is not None, "the environment is built in on_train_start"
         missing = missing.cpu().bool()
         if self.format_penalty is None:
             return self.env.reward(emb, positives, k=self.reward_k, kind=self.reward_kind, valid=~missing,

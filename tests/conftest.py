@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -139,3 +140,21 @@ def mini_train_root(tmp_path_factory: pytest.TempPathFactory, scifact_dir: Path,
         "query-id\tcorpus-id\tscore\n" + "".join(f"{r['query_id']}\t{r['pos_id']}\t1\n" for r in rows))
     write_jsonl_gz(root / "train" / "scifact_train_triples.jsonl.gz", rows)
     return root
+
+
+class InterruptAtStep(L.Callback):
+    """An interruption right after optimizer step ``step``: writes ``mid.ckpt`` there and stops, as a
+    killed run leaves its last periodic checkpoint (the resume tests of both stages start from it)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "mid.ckpt")
+            trainer.should_stop = True
+
+
+@pytest.fixture()
+def interrupt_at_step() -> type[InterruptAtStep]:
+    return InterruptAtStep

@@ -156,6 +156,48 @@ def test_validation_scores_both_modes_and_writes_reasoning_samples(tiny_lm_dir: 
     assert (tmp_path / "adapter" / "best").is_dir()
 
 
+def _trainable(module: RLModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_resume_in_the_middle_of_an_epoch_reaches_the_uninterrupted_state(tiny_lm_dir: Path, mini_train_root: Path,
+                                                                          tmp_path: Path, interrupt_at_step) -> None:
+    """Interrupted after step 2 of 4 (mid-epoch) and resumed from its checkpoint, an RL run must end where
+    the uninterrupted one does: the same queries in the same order, the same sampled rollouts (the
+    random streams come back from the checkpoint) and the same stale environment (not a fresh encode)."""
+    data_kw = {"max_queries": 8}  # 4 batches of 2 queries
+    straight = _module(tiny_lm_dir, tmp_path / "a")
+    _trainer(tmp_path / "a", max_steps=4, limit_val_batches=0).fit(straight, datamodule=_data(mini_train_root, **data_kw))
+    first = _module(tiny_lm_dir, tmp_path / "b")
+    trainer = _trainer(tmp_path / "b", max_steps=4, limit_val_batches=0, callbacks=[interrupt_at_step(2)])
+    trainer.fit(first, datamodule=_data(mini_train_root, **data_kw))
+    assert trainer.global_step == 2
+    resumed = _module(tiny_lm_dir, tmp_path / "c")
+    resumed_trainer = _trainer(tmp_path / "c", max_steps=4, limit_val_batches=0)
+    resumed_trainer.fit(resumed, datamodule=_data(mini_train_root, **data_kw), ckpt_path=str(tmp_path / "b" / "mid.ckpt"))
+    assert resumed_trainer.global_step == 4
+    assert resumed.env is not None and straight.env is not None
+    assert not any(s.full for s in resumed.env.history), "the resumed run re-encoded the corpus instead of restoring it"
+    torch.testing.assert_close(resumed.env.vectors, straight.env.vectors, atol=1e-6, rtol=0)
+    assert torch.equal(resumed.env.versions, straight.env.versions)
+    for name, value in _trainable(straight).items():
+        torch.testing.assert_close(_trainable(resumed)[name], value, atol=1e-6, rtol=0)
+
+
+def test_a_saved_environment_only_restores_onto_its_own_corpus(tiny_lm_dir: Path, mini_train_root: Path,
+                                                                tmp_path: Path) -> None:
+    module = _module(tiny_lm_dir, tmp_path)
+    data = _data(mini_train_root)
+    data.setup("fit")
+    state = module.build_environment(data.corpus_texts, data.corpus_ids).state_dict()
+    restored = module.build_environment(data.corpus_texts, data.corpus_ids, state)
+    assert not restored.history and torch.equal(restored.vectors, state["vectors"])
+    with pytest.raises(ValueError, match="another corpus"):
+        restored.load_state_dict({**state, "corpus": "0" * 16})
+    shorter = module.build_environment(data.corpus_texts[:-1], data.corpus_ids[:-1], state)
+    assert shorter.history and shorter.history[-1].full  # encoded afresh, with a warning
+
+
 def test_needs_a_group(tiny_lm_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="group_size"):
         RLModule(EmbeddingLM(base_model=str(tiny_lm_dir), show_progress=False, lora=LoraSettings(r=2, alpha=4)),

@@ -13,10 +13,10 @@ from lightning_modules.embedding_lm import EmbeddingLM, LoraSettings
 from lightning_modules.sft import SFTContrastiveModule
 
 
-def _module(tiny_lm_dir: Path, tmp_path: Path, **kw) -> SFTContrastiveModule:
+def _module(tiny_lm_dir: Path, tmp_path: Path, dropout: float = 0.0, **kw) -> SFTContrastiveModule:
     torch.manual_seed(0)
     encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
-                          lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=48, max_query_tokens=24)
+                          lora=LoraSettings(r=4, alpha=8, dropout=dropout), max_document_tokens=48, max_query_tokens=24)
     return SFTContrastiveModule(encoder, adapter_dir=str(tmp_path / "adapter"), warmup_steps=1, lr=1e-2, **kw)
 
 
@@ -110,30 +110,19 @@ def test_resume_reaches_the_uninterrupted_state(tiny_lm_dir: Path, mini_train_ro
         torch.testing.assert_close(_trainable(resumed)[name], value, atol=1e-6, rtol=0)
 
 
-class _StopAtStep(L.Callback):
-    """An interruption in the middle of an epoch, right after the checkpoint of step ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(Path(trainer.default_root_dir) / "mid.ckpt")
-            trainer.should_stop = True
-
-
 def test_resume_in_the_middle_of_an_epoch_continues_with_the_next_batch(tiny_lm_dir: Path, mini_train_root: Path,
-                                                                         tmp_path: Path) -> None:
+                                                                         tmp_path: Path, interrupt_at_step) -> None:
     """The CPU recipe stops mid-epoch (60 steps of 12 rows, 72 batches an epoch): a resumed run must
-    train on the batches the interrupted one had not reached, not replay the epoch's first ones."""
+    train on the batches the interrupted one had not reached, not replay the epoch's first ones, and
+    draw the dropout masks the uninterrupted run drew (LoRA dropout on, as in the recipes)."""
     data_kw = {"max_rows": 16}  # 4 batches an epoch; the interruption comes after 2
-    straight = _module(tiny_lm_dir, tmp_path / "a")
+    straight = _module(tiny_lm_dir, tmp_path / "a", dropout=0.1)
     _trainer(tmp_path / "a", max_steps=4, limit_val_batches=0).fit(straight, datamodule=_data(mini_train_root, **data_kw))
-    first = _module(tiny_lm_dir, tmp_path / "b")
-    trainer = _trainer(tmp_path / "b", max_steps=4, limit_val_batches=0, callbacks=[_StopAtStep(2)])
+    first = _module(tiny_lm_dir, tmp_path / "b", dropout=0.1)
+    trainer = _trainer(tmp_path / "b", max_steps=4, limit_val_batches=0, callbacks=[interrupt_at_step(2)])
     trainer.fit(first, datamodule=_data(mini_train_root, **data_kw))
     assert trainer.global_step == 2
-    resumed = _module(tiny_lm_dir, tmp_path / "c")
+    resumed = _module(tiny_lm_dir, tmp_path / "c", dropout=0.1)
     _trainer(tmp_path / "c", max_steps=4, limit_val_batches=0).fit(
         resumed, datamodule=_data(mini_train_root, **data_kw), ckpt_path=str(tmp_path / "b" / "mid.ckpt"))
     for name, value in _trainable(straight).items():
