@@ -29,6 +29,7 @@ RECIPES: list[tuple[str, list[str]]] = [
     ("test", ["configs/rl-table.yaml"]),
     ("fit", ["configs/sft.yaml"]),
     ("fit", ["configs/sft.yaml", "configs/sft-nfcorpus.yaml"]),
+    ("fit", ["configs/sft.yaml", "configs/ablations/sft-kl0.1.yaml"]),
     ("fit", ["configs/sft-gpu.yaml"]),
     ("fit", ["configs/rl.yaml"]),
 ]
@@ -36,7 +37,7 @@ RECIPES: list[tuple[str, list[str]]] = [
 
 def test_every_config_file_is_covered() -> None:
     listed = {f for _, files in RECIPES for f in files}
-    shipped = {"cli.yaml"} | {f"configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")}
+    shipped = {"cli.yaml"} | {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")}
     assert shipped == listed, f"add the new recipe to RECIPES: {sorted(shipped - listed)}"
 
 
