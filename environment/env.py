@@ -123,6 +123,7 @@ class RetrievalEnvironment:
         self.versions = torch.full((len(self.texts),), -1, dtype=torch.long)
         self.step = 0
         self.history: list[RefreshStats] = []
+        self._digest: str | None = None
         self.probes: list[FidelityProbe] = []
 
     def __len__(self) -> int:
@@ -140,11 +141,14 @@ class RetrievalEnvironment:
 
     # ------------------------------------------------------------------ state (checkpoints)
     def corpus_digest(self) -> str:
-        """Hash of the texts (and ids): a saved state only fits the corpus it was encoded from."""
-        h = hashlib.sha256()
-        for i, text in enumerate(self.texts):
-            h.update(f"{self.doc_ids[i] if self.doc_ids else i}\t{text}\n".encode())
-        return h.hexdigest()[:16]
+        """Hash of the texts (and ids): a saved state only fits the corpus it was encoded from.
+        Computed once: the texts never change, and every checkpoint save asks for it."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for i, text in enumerate(self.texts):
+                h.update(f"{self.doc_ids[i] if self.doc_ids else i}\t{text}\n".encode())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
 
     def state_dict(self) -> dict[str, object]:
         """What a resumed run needs to see the same stale vectors: each document's vector and version.
