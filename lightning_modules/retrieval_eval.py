@@ -49,6 +49,13 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
+def device_label(device: torch.device) -> str:
+    """``cpu`` or ``cuda:0 (NVIDIA H200)``: a recorded row's wall time means little without the card."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
 def metric_key(stage: str, task: str, system: str, measure: str) -> str:
     """``test/scifact/bm25/nDCG_at_10``: MLflow rejects '@' in metric names."""
     return f"{stage}/{task}/{system}/{measure.replace('@', '_at_')}"
@@ -249,7 +256,7 @@ class RetrievalEvalModule(L.LightningModule):
             split=task.split, metrics={k: round(v, 4) for k, v in metrics.items()},
             num_queries=len(task.queries), num_docs=task.num_docs, corpus_size=task.corpus_size,
             command="search-r3 " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            wall_time_s=round(seconds, 1), device=str(self.device), documents_from_cache=cached,
+            wall_time_s=round(seconds, 1), device=device_label(self.device), documents_from_cache=cached,
             trained_on=retriever.trained_on, precision=retriever.precision,
         )
 

@@ -132,8 +132,8 @@ class SFTContrastiveModule(AdapterTrainingModule):
 
         def embed_with_lm(chunk: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             emb, lm, kl, n = self._lm_and_kl(chunk)
-            sums["lm"] += float(lm) * n
-            sums["kl"] += float(kl) * n
+            sums["lm"] += float(lm.detach()) * n
+            sums["kl"] += float(kl.detach()) * n
             # token-weighted, so the chunk sum equals the full-batch token mean
             return emb, (self.weights["lm"] * lm + self.weights["kl"] * kl) * (n / n_total)
 

@@ -27,10 +27,15 @@ RECIPES: list[tuple[str, list[str]]] = [
     ("test", ["configs/sft-nfcorpus-table.yaml"]),
     ("test", ["configs/sft-scifact-table.yaml"]),
     ("test", ["configs/rl-table.yaml"]),
+    ("test", ["configs/sft-gpu-table.yaml"]),
+    ("test", ["configs/stage1-table.yaml"]),
     ("fit", ["configs/sft.yaml"]),
     ("fit", ["configs/sft.yaml", "configs/sft-nfcorpus.yaml"]),
     ("fit", ["configs/sft.yaml", "configs/ablations/sft-kl0.1.yaml"]),
     ("fit", ["configs/sft-gpu.yaml"]),
+    ("fit", ["configs/sft-gpu.yaml", "configs/ablations/sft-gpu-attn.yaml"]),
+    ("fit", ["configs/sft-gpu.yaml", "configs/ablations/sft-gpu-mixed.yaml"]),
+    ("fit", ["configs/sft-gpu.yaml", "configs/sft-gpu-nfcorpus.yaml"]),
     ("fit", ["configs/rl.yaml"]),
 ]
 
