@@ -4,8 +4,8 @@
 # finished is tested in one table (configs/sft-gpu-table.yaml) and recorded in docs/results.json.
 #
 # Why side by side: one fit of a 135M-parameter model does not fill a data-centre GPU, so the others use
-# what it leaves idle. How much that saves against running them one after another is not measured: on
-# an H200 the five together kept the GPU at 70% mean utilisation (98 GB), at 5 to 6.7 s per 64-query step.
+# what it leaves idle. How much that saves against running them one after another is not measured (the
+# utilisation, memory and step times of the H200 run are in the README, Stage 1, "GPU recipe").
 # MAX_TIME (Lightning's max_time, DD:HH:MM:SS) bounds each fit so the script fits a fixed time slot; a fit
 # cut short keeps the best adapter of the validations it reached. Unset, every fit runs to its max_steps.
 #
