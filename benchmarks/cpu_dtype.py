@@ -34,8 +34,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datamodules.beir_files import find_file, iter_corpus  # noqa: E402
-from lightning_modules.embedding_lm import EmbeddingLM, resolve_dtype  # noqa: E402
+from search_r3.datamodules.beir_files import find_file, iter_corpus  # noqa: E402
+from search_r3.model.embedding_lm import EmbeddingLM, resolve_dtype  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -37,10 +37,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from datamodules.beir import BEIRDataModule  # noqa: E402
-from environment import ExactIndex, HNSWIndex, RefreshPolicy, RetrievalEnvironment  # noqa: E402
-from lightning_modules.embedding_lm import EmbeddingLM, LoraSettings  # noqa: E402
-from lightning_modules.losses import info_nce_loss  # noqa: E402
+from search_r3.datamodules.beir import BEIRDataModule  # noqa: E402
+from search_r3.environment import ExactIndex, HNSWIndex, RefreshPolicy, RetrievalEnvironment  # noqa: E402
+from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings  # noqa: E402
+from search_r3.lightning_modules.losses import info_nce_loss  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

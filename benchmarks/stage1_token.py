@@ -30,9 +30,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datamodules.beir_files import find_file, iter_corpus, iter_jsonl  # noqa: E402
-from lightning_modules.embedding_lm import EmbeddingLM  # noqa: E402
-from lightning_modules.prompts import EMBED_TOKEN  # noqa: E402
+from search_r3.datamodules.beir_files import find_file, iter_corpus, iter_jsonl  # noqa: E402
+from search_r3.model.embedding_lm import EmbeddingLM  # noqa: E402
+from search_r3.model.prompts import EMBED_TOKEN  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

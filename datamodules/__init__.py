@@ -1,6 +1,6 @@
 """DataModules: BEIR-format retrieval tasks (and, later, training rows and MKQA)."""
 
-from datamodules.beir import BEIRDataModule, BEIRSuiteDataModule, RetrievalTask
-from datamodules.beir_files import DataFormatError
+from search_r3.datamodules.beir import BEIRDataModule, BEIRSuiteDataModule, RetrievalTask
+from search_r3.datamodules.beir_files import DataFormatError
 
 __all__ = ["BEIRDataModule", "BEIRSuiteDataModule", "DataFormatError", "RetrievalTask"]

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from datamodules.beir_files import (
+from search_r3.datamodules.beir_files import (
     DataFormatError,
     OnBadRow,
     Qrels,

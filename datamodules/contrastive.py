@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.beir import BEIRDataModule
-from datamodules.beir_files import DataFormatError, find_file, iter_corpus, judged_in_any_split
-from datamodules.training_rows import NoDuplicatesBatchSampler, TrainingRow, read_training_rows, resumable_loader
+from search_r3.datamodules.beir import BEIRDataModule
+from search_r3.datamodules.beir_files import DataFormatError, find_file, iter_corpus, judged_in_any_split
+from search_r3.datamodules.training_rows import NoDuplicatesBatchSampler, TrainingRow, read_training_rows, resumable_loader
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from datamodules.beir import BEIRDataModule
-from datamodules.beir_files import DataFormatError, iter_jsonl
+from search_r3.datamodules.beir import BEIRDataModule
+from search_r3.datamodules.beir_files import DataFormatError, iter_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.beir import BEIRDataModule, RetrievalTask
-from datamodules.beir_files import DataFormatError
-from datamodules.training_rows import NoDuplicatesBatchSampler, resumable_loader
+from search_r3.datamodules.beir import BEIRDataModule, RetrievalTask
+from search_r3.datamodules.beir_files import DataFormatError
+from search_r3.datamodules.training_rows import NoDuplicatesBatchSampler, resumable_loader
 
 log = logging.getLogger(__name__)
 

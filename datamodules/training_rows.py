@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datamodules.beir_files import DataFormatError, iter_jsonl
+from search_r3.datamodules.beir_files import DataFormatError, iter_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import torch
 from scipy.stats import kendalltau
 from torch import Tensor
 
-from environment.index import ExactIndex, VectorIndex
-from environment.rewards import RewardKind, dcg_reward
-from evaluation.search import exact_topk
+from search_r3.environment.index import ExactIndex, VectorIndex
+from search_r3.environment.rewards import RewardKind, dcg_reward
+from search_r3.evaluation.search import exact_topk
 
 Encoder = Callable[[list[str]], Tensor]  # texts -> unit-norm embeddings (direct mode, no grad)
 

@@ -14,7 +14,7 @@ import argparse
 import re
 from pathlib import Path
 
-from evaluation.report import ResultRow, markdown_table, print_table
+from search_r3.evaluation.report import ResultRow, markdown_table, print_table
 
 _KEY = re.compile(r"^test/(?P<task>[^/]+)/(?P<system>[^/]+)/(?P<measure>[^/]+)$")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from datamodules.beir import RetrievalTask
-from evaluation.metrics import build_run, evaluate_run
-from evaluation.search import exact_topk
+from search_r3.datamodules.beir import RetrievalTask
+from search_r3.evaluation.metrics import Run, build_run, evaluate_run
+from search_r3.evaluation.search import exact_topk
 
 
 @dataclass
@@ -68,7 +68,6 @@ def _unique_first(indices: Tensor) -> tuple[Tensor, Tensor]:
     return sorted_idx[is_first], order[is_first]
 
 
-Run = dict[str, dict[str, float]]
 
 
 def score_task(

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import ir_measures
 
-from datamodules.beir_files import ReadReport, read_qrels
-from evaluation.metrics import Qrels, Run, per_query
+from search_r3.datamodules.beir_files import ReadReport, read_qrels
+from search_r3.evaluation.metrics import Qrels, Run, per_query
 
 
 @dataclass

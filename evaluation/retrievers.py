@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from datamodules.beir import RetrievalTask
-from datamodules.beir_files import iter_corpus
-from lightning_modules.embedding_lm import EmbeddingLM, Mode
+from search_r3.datamodules.beir import RetrievalTask
+from search_r3.datamodules.beir_files import iter_corpus
+from search_r3.model.embedding_lm import EmbeddingLM, Mode
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class BM25Retriever(Retriever):
         return f"bm25|k1={self.k1}|b={self.b}"
 
     def index_for(self, task: RetrievalTask) -> Path:
-        from evaluation.java import boot_jvm
+        from search_r3.evaluation.java import boot_jvm
 
         target = self.index_dir / f"{task.name}-{corpus_digest(task)}"
         if (target / "index" / "segments_1").exists() or any((target / "index").glob("segments_*")):
@@ -220,7 +220,7 @@ class BM25Retriever(Retriever):
         return target / "index"
 
     def search(self, task: RetrievalTask, k: int) -> dict[str, dict[str, float]]:
-        from evaluation.java import boot_jvm
+        from search_r3.evaluation.java import boot_jvm
 
         index = self.index_for(task)
         boot_jvm()

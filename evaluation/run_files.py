@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evaluation.metrics import Run
+from search_r3.evaluation.metrics import Run
 
 
 def write_trec_run(run: Run, path: str | Path, tag: str) -> Path:

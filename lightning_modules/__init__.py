@@ -1,17 +1,7 @@
-"""LightningModules and the shared model wrapper of search-r3."""
+"""The LightningModules of search-r3 (evaluation, Stage 1, Stage 2) and the losses they train with."""
 
-from typing import Any
+from search_r3.lightning_modules.retrieval_eval import RetrievalEvalModule
+from search_r3.lightning_modules.rl import RLModule
+from search_r3.lightning_modules.sft import SFTContrastiveModule
 
-from lightning_modules.embedding_lm import EmbeddingLM, LoraSettings, ReasoningOutput
-from lightning_modules.prompts import EMBED_TOKEN, PromptTemplates
-
-__all__ = ["EMBED_TOKEN", "EmbeddingLM", "LoraSettings", "PromptTemplates", "ReasoningOutput", "RetrievalEvalModule"]
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy: the evaluation module imports evaluation.retrievers, which imports EmbeddingLM from here.
-    if name == "RetrievalEvalModule":
-        from lightning_modules.retrieval_eval import RetrievalEvalModule
-
-        return RetrievalEvalModule
-    raise AttributeError(name)
+__all__ = ["RLModule", "RetrievalEvalModule", "SFTContrastiveModule"]

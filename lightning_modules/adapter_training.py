@@ -18,8 +18,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from evaluation.dense_eval import EmbeddingStore, ordered, score_task
-from lightning_modules.embedding_lm import EmbeddingLM, Mode
+from search_r3.evaluation.dense_eval import EmbeddingStore, ordered, score_task
+from search_r3.model.embedding_lm import EmbeddingLM, Mode
 
 log = logging.getLogger(__name__)
 

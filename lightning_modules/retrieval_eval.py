@@ -26,13 +26,13 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from torch import nn
 
-from datamodules.beir import RetrievalTask
-from evaluation.dense_eval import EmbeddingStore, gather_rows, ordered, score_run, score_task
-from evaluation.metrics import DEFAULT_MEASURES
-from evaluation.report import ResultRow, print_table, write_bar_chart, write_markdown_tables
-from evaluation.results_record import record_rows
-from evaluation.retrievers import DenseRetriever, Retriever, corpus_digest
-from evaluation.run_files import write_trec_run
+from search_r3.datamodules.beir import RetrievalTask
+from search_r3.evaluation.dense_eval import EmbeddingStore, gather_rows, ordered, score_run, score_task
+from search_r3.evaluation.metrics import DEFAULT_MEASURES
+from search_r3.evaluation.report import ResultRow, print_table, write_bar_chart, write_markdown_tables
+from search_r3.evaluation.results_record import record_rows
+from search_r3.evaluation.retrievers import DenseRetriever, Retriever, corpus_digest
+from search_r3.evaluation.run_files import write_trec_run
 
 log = logging.getLogger(__name__)
 

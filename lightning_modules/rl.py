@@ -3,7 +3,7 @@
 Per step, for B queries the policy samples G reasoning trajectories each (reasoning mode, ending in
 ``<|embed_token|>``); one forward pass gives every trajectory's token log-probabilities and its
 embedding at the token. The environment is refreshed selectively around those embeddings (see
-:mod:`environment.env`), each embedding is rewarded by how it ranks the query's positives, and
+:mod:`search_r3.environment.env`), each embedding is rewarded by how it ranks the query's positives, and
 
     loss = policy (clipped surrogate, GRPO) + β · KL(policy ‖ reference) + λ · InfoNCE(rollout embeddings)
 
@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from environment import ExactIndex, HNSWIndex, RefreshPolicy, RetrievalEnvironment
-from environment.rewards import RewardKind
-from lightning_modules.adapter_training import AdapterTrainingModule
-from lightning_modules.embedding_lm import EmbeddingLM
-from lightning_modules.losses import clipped_policy_loss, group_advantages, multi_positive_info_nce, token_kl
+from search_r3.environment import ExactIndex, HNSWIndex, RefreshPolicy, RetrievalEnvironment
+from search_r3.environment.rewards import RewardKind
+from search_r3.lightning_modules.adapter_training import AdapterTrainingModule
+from search_r3.model.embedding_lm import EmbeddingLM
+from search_r3.lightning_modules.losses import clipped_policy_loss, group_advantages, multi_positive_info_nce, token_kl
 
 log = logging.getLogger(__name__)
 

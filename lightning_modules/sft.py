@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_modules.adapter_training import AdapterTrainingModule
-from lightning_modules.embedding_lm import EmbeddingLM
-from lightning_modules.losses import (
+from search_r3.lightning_modules.adapter_training import AdapterTrainingModule
+from search_r3.model.embedding_lm import EmbeddingLM
+from search_r3.lightning_modules.losses import (
     cached_embedding_loss,
     info_nce_loss,
     response_lm_loss,

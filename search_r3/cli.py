@@ -1,4 +1,4 @@
-"""``search-r3``: the LightningCLI entry point (``fit`` / ``validate`` / ``test`` / ``predict``).
+"""``search-r3``: the LightningCLI entry point (``fit`` / ``validate`` / ``test``).
 
 Model and data are chosen in YAML by ``class_path`` (subclass mode), so the evaluation module, the
 SFT module and the RL module all run through the same command.
@@ -59,7 +59,12 @@ class MLflowSaveConfig(SaveConfigCallback):
 
 
 class SearchR3CLI(LightningCLI):
-    """LightningCLI with the MLflow-aware config saving; everything else is plain LightningCLI."""
+    """LightningCLI with the MLflow-aware config saving and without ``predict``: no module of ours
+    implements a predict step, so the subcommand would only fail after loading the model."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: args for name, args in LightningCLI.subcommands().items() if name != "predict"}
 
 
 def run_cli(args: list[str] | None = None) -> SearchR3CLI:

@@ -43,7 +43,7 @@ def write_jsonl_gz(path: Path, rows: list[dict]) -> None:
 @pytest.fixture(scope="session")
 def mini_scifact(tmp_path_factory: pytest.TempPathFactory, scifact_dir: Path) -> Path:
     """A real SciFact subset: 8 test queries, their judged documents and 40 other documents."""
-    from datamodules.beir_files import ReadReport, find_file, iter_jsonl, read_qrels
+    from search_r3.datamodules.beir_files import ReadReport, find_file, iter_jsonl, read_qrels
 
     out = tmp_path_factory.mktemp("mini") / "scifact"
     qrels, _ = read_qrels(scifact_dir / "qrels" / "test.tsv", ReadReport(), "error")
@@ -101,7 +101,7 @@ def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def tiny_lm(tiny_lm_dir: Path, tmp_path: Path):
-    from lightning_modules.embedding_lm import EmbeddingLM
+    from search_r3.model.embedding_lm import EmbeddingLM
 
     return EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", max_document_tokens=64, max_query_tokens=32,
                        max_reasoning_tokens=8, batch_size=4, show_progress=False)
@@ -110,7 +110,7 @@ def tiny_lm(tiny_lm_dir: Path, tmp_path: Path):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real default model, loaded once for all marked tests (dtype ``auto``, as the default config runs it)."""
-    from lightning_modules.embedding_lm import EmbeddingLM
+    from search_r3.model.embedding_lm import EmbeddingLM
 
     return EmbeddingLM(cache_dir=str(REPO / ".cache" / "search_r3" / "models"), show_progress=False,
                        max_reasoning_tokens=32)
@@ -119,7 +119,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def mini_train_root(tmp_path_factory: pytest.TempPathFactory, scifact_dir: Path, data_root: Path) -> Path:
     """A data root with real SciFact training rows (24) and a corpus holding their documents + 20 others."""
-    from datamodules.beir_files import find_file, iter_jsonl
+    from search_r3.datamodules.beir_files import find_file, iter_jsonl
 
     root = tmp_path_factory.mktemp("train_root")
     rows = [obj for _, obj in iter_jsonl(data_root / "train" / "scifact_train_triples.jsonl.gz")][:24]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.beir import BEIRDataModule, CorpusStream
-from datamodules.beir_files import DataFormatError
+from search_r3.datamodules.beir import BEIRDataModule, CorpusStream
+from search_r3.datamodules.beir_files import DataFormatError
 
 
 def _module(root: Path, **kw) -> BEIRDataModule:
@@ -126,7 +126,7 @@ def test_malformed_qrels_line(mini_scifact: Path, tmp_path: Path) -> None:
 
 
 def test_suite_finds_sets_with_a_corpus_and_picks_up_new_ones(data_root: Path, mini_scifact: Path, tmp_path: Path) -> None:
-    from datamodules.beir import BEIRSuiteDataModule
+    from search_r3.datamodules.beir import BEIRSuiteDataModule
 
     assert BEIRSuiteDataModule(data_root=str(data_root)).discover() == ["beir/nfcorpus", "beir/scifact"]
     # A query-only set (queries.test.jsonl.gz + qrels, as in beir_queries_qrels_only/) joins once a corpus is added.

@@ -63,8 +63,8 @@ def test_recipe_parses(subcommand: str, files: list[str], monkeypatch: pytest.Mo
     code, printed = _print_config(subcommand, files, monkeypatch)
     assert code == 0
     resolved = yaml.safe_load(printed)
-    assert resolved["model"]["class_path"].startswith("lightning_modules.")
-    assert resolved["data"]["class_path"].startswith("datamodules.")
+    assert resolved["model"]["class_path"].startswith("search_r3.lightning_modules.")
+    assert resolved["data"]["class_path"].startswith("search_r3.datamodules.")
 
 
 def test_a_misspelt_argument_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.embedding_lm import EmbeddingLM, LoraSettings, close_response
-from lightning_modules.prompts import EMBED_TOKEN, PromptTemplates
+from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings, close_response
+from search_r3.model.prompts import EMBED_TOKEN, PromptTemplates
 
 TEXTS = [
     "Vitamin D deficiency in elderly patients",
@@ -232,7 +232,7 @@ def test_adapter_refuses_another_base_model(tiny_lm: EmbeddingLM, tiny_lm_dir: P
 def test_auto_dtype_is_bf16_only_where_the_hardware_runs_it_natively() -> None:
     import torch
 
-    from lightning_modules.embedding_lm import resolve_dtype
+    from search_r3.model.embedding_lm import resolve_dtype
 
     assert resolve_dtype("float32") is torch.float32 and resolve_dtype("bfloat16") is torch.bfloat16
     if torch.cuda.is_available():

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from environment import ExactIndex, HNSWIndex, RefreshPolicy, RetrievalEnvironment, dcg_reward
-from evaluation.metrics import evaluate_run
-from lightning_modules.embedding_lm import EmbeddingLM, LoraSettings
+from search_r3.environment import ExactIndex, HNSWIndex, RefreshPolicy, RetrievalEnvironment, dcg_reward
+from search_r3.evaluation.metrics import evaluate_run
+from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
 
 TEXTS = [f"document {i} about {'vitamin D' if i % 2 else 'Hamlet'} number {i}" for i in range(12)]
 
@@ -186,7 +186,7 @@ def test_hnsw_index_matches_exact_and_replaces_vectors_in_place() -> None:
 def test_hnsw_recall_at_10_on_real_scifact_embeddings(smollm2: EmbeddingLM, scifact_dir: Path) -> None:
     """The ANN back end against exact search on 1,000 real SciFact documents and the 300 test queries,
     embedded by the real default model, before and after replacing a tenth of the vectors in place."""
-    from datamodules.beir_files import ReadReport, find_file, find_queries_file, iter_corpus, read_qrels, read_queries
+    from search_r3.datamodules.beir_files import ReadReport, find_file, find_queries_file, iter_corpus, read_qrels, read_queries
 
     texts = [text for _, (_, _, text) in zip(range(1000), iter_corpus(find_file(scifact_dir, "corpus.jsonl")))]
     qrels, _ = read_qrels(scifact_dir / "qrels" / "test.tsv", ReadReport(), "error")

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.dense_eval import gather_rows, ordered
-from evaluation.metrics import build_run, evaluate_run, per_query
-from evaluation.paired import paired_comparison, read_run
-from evaluation.results_record import record_rows
-from evaluation.run_files import write_trec_run
-from evaluation.search import exact_topk
+from search_r3.evaluation.dense_eval import gather_rows, ordered
+from search_r3.evaluation.metrics import build_run, evaluate_run, per_query
+from search_r3.evaluation.paired import paired_comparison, read_run
+from search_r3.evaluation.results_record import record_rows
+from search_r3.evaluation.run_files import write_trec_run
+from search_r3.evaluation.search import exact_topk
 
 # Graded qrels and a run whose trec_eval values are known (linear gain, trec_eval 9.0.7).
 QRELS = {"q1": {"d1": 2, "d2": 1, "d5": 0}, "q2": {"d3": 1, "d9": 1}}
@@ -157,7 +157,7 @@ def test_gather_rows_merges_ranks_and_drops_padding_duplicates() -> None:
 def test_compare_gathers_runs_into_one_table(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from evaluation.compare import main as compare
+    from search_r3.evaluation.compare import main as compare
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -178,7 +178,7 @@ def test_compare_gathers_runs_into_one_table(tmp_path: Path) -> None:
 
 
 def test_rows_say_whether_an_adapter_was_trained_on_the_dataset(tmp_path: Path) -> None:
-    from evaluation.report import ResultRow
+    from search_r3.evaluation.report import ResultRow
 
     def row(dataset: str, trained_on: list[str] | None) -> dict:
         return ResultRow(retriever="smollm2-sft", mode="direct", checkpoint="runs/sft/adapter/best", dataset=dataset,

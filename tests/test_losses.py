@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.embedding_lm import EmbeddingLM, LoraSettings
-from lightning_modules.losses import cached_info_nce, info_nce_loss, response_lm_loss, token_kl, triplet_margin_loss
+from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
+from search_r3.lightning_modules.losses import cached_info_nce, info_nce_loss, response_lm_loss, token_kl, triplet_margin_loss
 
 
 def test_info_nce_hand_computed() -> None:

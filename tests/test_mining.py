@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.beir_files import judged_in_any_split
-from datamodules.mining import main
-from datamodules.training_rows import read_training_rows
+from search_r3.datamodules.beir_files import judged_in_any_split
+from search_r3.mining import main
+from search_r3.datamodules.training_rows import read_training_rows
 
 
 def test_mined_rows_exclude_judged_documents_and_respect_the_window(mini_train_root: Path, tmp_path: Path) -> None:
@@ -24,9 +24,9 @@ def test_mined_rows_exclude_judged_documents_and_respect_the_window(mini_train_r
 
 
 def test_window_skips_the_top_ranks(mini_train_root: Path, tmp_path: Path) -> None:
-    from datamodules.beir import BEIRDataModule
-    from datamodules.mining import mine_negatives
-    from evaluation.retrievers import BM25Retriever
+    from search_r3.datamodules.beir import BEIRDataModule
+    from search_r3.mining import mine_negatives
+    from search_r3.evaluation.retrievers import BM25Retriever
 
     dataset = mini_train_root / "beir" / "scifact"
     dm = BEIRDataModule(data_root=str(dataset.parent), datasets=["scifact"], split="train")
@@ -41,8 +41,8 @@ def test_window_skips_the_top_ranks(mini_train_root: Path, tmp_path: Path) -> No
 def test_mining_with_the_model_ranks_by_its_embeddings(mini_train_root: Path, tiny_lm_dir: Path, tmp_path: Path) -> None:
     """``--adapter`` mines with the wrapper itself: negatives are its own top ranks inside the window,
     judged documents excluded, exactly as with BM25."""
-    from datamodules.beir import BEIRDataModule
-    from datamodules.mining import model_ranking
+    from search_r3.datamodules.beir import BEIRDataModule
+    from search_r3.mining import model_ranking
 
     dataset = mini_train_root / "beir" / "scifact"
     out = tmp_path / "mined-model.jsonl.gz"

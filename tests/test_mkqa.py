@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.beir_files import DataFormatError
-from datamodules.mkqa import MKQA_LANGUAGES, MKQADataModule, answer_id
+from search_r3.datamodules.beir_files import DataFormatError
+from search_r3.datamodules.mkqa import MKQA_LANGUAGES, MKQADataModule, answer_id
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.embedding_lm import EmbeddingLM, LoraSettings
+from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
 
 pytestmark = pytest.mark.model
 
@@ -92,7 +92,7 @@ def test_embedding_path_opens_no_socket(smollm2: EmbeddingLM, monkeypatch: pytes
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare")
 def test_embedding_runs_in_an_empty_network_namespace(tmp_path: Path) -> None:
     code = (
-        "from lightning_modules.embedding_lm import EmbeddingLM\n"
+        "from search_r3.model.embedding_lm import EmbeddingLM\n"
         "m = EmbeddingLM(cache_dir='.cache/search_r3/models', show_progress=False)\n"
         "print(m.encode(['who wrote hamlet']).shape)\n"
     )

@@ -7,10 +7,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from datamodules.beir import BEIRDataModule
-from evaluation.retrievers import EmbeddingLMRetriever
-from lightning_modules.embedding_lm import EmbeddingLM
-from lightning_modules.retrieval_eval import RetrievalEvalModule
+from search_r3.datamodules.beir import BEIRDataModule
+from search_r3.evaluation.retrievers import EmbeddingLMRetriever
+from search_r3.model.embedding_lm import EmbeddingLM
+from search_r3.lightning_modules.retrieval_eval import RetrievalEvalModule
 
 
 class _Killed(Exception):

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.beir import BEIRDataModule
-from datamodules.beir_files import iter_corpus
-from evaluation.metrics import evaluate_run
-from evaluation.retrievers import BM25Retriever, SentenceTransformerRetriever
-from lightning_modules.embedding_lm import EmbeddingLM
-from lightning_modules.prompts import PromptTemplates
+from search_r3.datamodules.beir import BEIRDataModule
+from search_r3.datamodules.beir_files import iter_corpus
+from search_r3.evaluation.metrics import evaluate_run
+from search_r3.evaluation.retrievers import BM25Retriever, SentenceTransformerRetriever
+from search_r3.model.embedding_lm import EmbeddingLM
+from search_r3.model.prompts import PromptTemplates
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,8 @@ def test_bm25_ranks_real_scifact_subset_and_reuses_its_index(mini_scifact: Path,
 def test_bm25_needs_no_network_and_no_java_home(mini_scifact: Path, tmp_path: Path) -> None:
     code = (
         "import sys; from pathlib import Path\n"
-        "from datamodules.beir import BEIRDataModule\n"
-        "from evaluation.retrievers import BM25Retriever\n"
+        "from search_r3.datamodules.beir import BEIRDataModule\n"
+        "from search_r3.evaluation.retrievers import BM25Retriever\n"
         "dm = BEIRDataModule(data_root=sys.argv[1], datasets=['scifact']); dm.setup('test')\n"
         "run = BM25Retriever(index_dir=sys.argv[2]).search(dm.tasks[0], k=5)\n"
         "print('queries ranked:', sum(1 for v in run.values() if v))\n"
@@ -65,7 +65,7 @@ def test_minilm_from_its_wheel_ranks_real_scifact_subset(mini_scifact: Path) -> 
     queries = minilm.encode_queries(list(task.queries.values()), None)
     assert docs.shape == (task.num_docs, 384)
     torch.testing.assert_close(queries.norm(dim=-1), torch.ones(len(task.queries)), atol=1e-4, rtol=0)
-    from evaluation.dense_eval import score_task
+    from search_r3.evaluation.dense_eval import score_task
 
     metrics, _ = score_task(task, docs, queries, top_k=10, measures=["nDCG@10"])
     assert metrics["nDCG@10"] > 0.6

@@ -8,11 +8,11 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.rl_queries import RLQueryDataModule
-from environment import RefreshPolicy
-from lightning_modules.embedding_lm import EmbeddingLM, LoraSettings
-from lightning_modules.losses import clipped_policy_loss, group_advantages, multi_positive_info_nce
-from lightning_modules.rl import RLModule
+from search_r3.datamodules.rl_queries import RLQueryDataModule
+from search_r3.environment import RefreshPolicy
+from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
+from search_r3.lightning_modules.losses import clipped_policy_loss, group_advantages, multi_positive_info_nce
+from search_r3.lightning_modules.rl import RLModule
 
 
 def _module(tiny_lm_dir: Path, tmp_path: Path, **kw) -> RLModule:

@@ -8,9 +8,9 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.contrastive import ContrastiveDataModule
-from lightning_modules.embedding_lm import EmbeddingLM, LoraSettings
-from lightning_modules.sft import SFTContrastiveModule
+from search_r3.datamodules.contrastive import ContrastiveDataModule
+from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
+from search_r3.lightning_modules.sft import SFTContrastiveModule
 
 
 def _module(tiny_lm_dir: Path, tmp_path: Path, dropout: float = 0.0, **kw) -> SFTContrastiveModule:

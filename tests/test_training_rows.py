@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.beir_files import DataFormatError
-from datamodules.training_rows import NoDuplicatesBatchSampler, read_training_rows
+from search_r3.datamodules.beir_files import DataFormatError
+from search_r3.datamodules.training_rows import NoDuplicatesBatchSampler, read_training_rows
 
 
 @pytest.fixture(scope="module")

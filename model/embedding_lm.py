@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_modules.base_models import resolve_model_dir
-from lightning_modules.prompts import EMBED_TOKEN, PromptTemplates, Side
+from search_r3.model.base_models import resolve_model_dir
+from search_r3.model.prompts import EMBED_TOKEN, PromptTemplates, Side
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class EmbeddingLM(nn.Module):
         cache_dir: where wheel models are converted to safetensors once.
         dtype: compute dtype; ``auto`` (default) picks bf16 where the hardware runs it natively (GPUs,
             CPUs with AVX512-BF16/AMX) and fp32 elsewhere (see :func:`resolve_dtype`).
-        prompts: the prompt strings (see :mod:`lightning_modules.prompts`).
+        prompts: the prompt strings (see :mod:`search_r3.model.prompts`).
         lora: LoRA settings; ``None`` keeps the base weights as they are (no adapter).
         adapter: a folder written by :meth:`save`; loads its LoRA weights and embed-token row.
         max_query_tokens / max_document_tokens: truncation of the user text (the prompt around it and

@@ -11,7 +11,7 @@ with the window lowers the false-negative rate). The ranker is BM25 (pyserini), 
 the search-r3 wrapper itself (``none``: the untrained wrapper) in direct mode, exact search: negatives
 the current model confuses with positives, the usual second round of mining. Rows: ``{"dataset",
 "split", "query_id", "query", "pos_id", "pos_score", "neg_ids"}``, readable by
-:func:`datamodules.training_rows.read_training_rows`.
+:func:`search_r3.datamodules.training_rows.read_training_rows`.
 """
 
 from __future__ import annotations
@@ -23,16 +23,15 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from datamodules.beir import BEIRDataModule, RetrievalTask
-from datamodules.beir_files import judged_in_any_split
+from search_r3.datamodules.beir import BEIRDataModule, RetrievalTask
+from search_r3.datamodules.beir_files import judged_in_any_split
+from search_r3.evaluation.metrics import Run
 
 log = logging.getLogger(__name__)
 
-Run = dict[str, dict[str, float]]
-
 
 def bm25_ranking(task: RetrievalTask, k: int, index_dir: str = ".cache/search_r3/bm25") -> Run:
-    from evaluation.retrievers import BM25Retriever
+    from search_r3.evaluation.retrievers import BM25Retriever
 
     return BM25Retriever(index_dir=index_dir).search(task, k=k)
 
@@ -40,9 +39,9 @@ def bm25_ranking(task: RetrievalTask, k: int, index_dir: str = ".cache/search_r3
 def model_ranking(task: RetrievalTask, k: int, adapter: str | None, base_model: str = "smollm2-135m-instruct",
                   max_document_tokens: int = 256) -> Run:
     """Exact top-k of the search-r3 wrapper (direct mode) over the task's corpus."""
-    from evaluation.metrics import build_run
-    from evaluation.search import exact_topk
-    from lightning_modules.embedding_lm import EmbeddingLM
+    from search_r3.evaluation.metrics import build_run
+    from search_r3.evaluation.search import exact_topk
+    from search_r3.model.embedding_lm import EmbeddingLM
 
     encoder = EmbeddingLM(base_model=base_model, adapter=adapter, max_document_tokens=max_document_tokens)
     with encoder.inference():
