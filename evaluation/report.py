@@ -31,6 +31,9 @@ class ResultRow:
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
     checkpoint_digest: str | None = None  # content digest of the checkpoint folder as loaded
     precision: str | None = None  # compute dtype of a neural retriever (bf16 / fp32)
+    # Reasoning mode only: how much analysis the greedy outputs held (reasoning_length_stats). A reasoning
+    # row whose analyses are empty is direct mode under another prompt, so every such row says it.
+    reasoning: dict[str, float] | None = None
 
     @property
     def protocol(self) -> str | None:
@@ -55,9 +58,25 @@ class ResultRow:
                     "documents_from_cache": self.documents_from_cache, "device": self.device, "date": self.date})
         if self.precision:
             out["precision"] = self.precision
+        if self.reasoning:
+            out.update(self.reasoning)
         if self.trained_on:
             out.update({"trained_on": self.trained_on, "protocol": self.protocol})
         return out
+
+
+def reasoning_length_stats(lengths: list[int], missing: int) -> dict[str, float]:
+    """Greedy analysis length of a reasoning-mode run: mean, median, 90th percentile, the share of empty
+    analyses (the token written at once) and the share of queries whose embed token had to be appended."""
+    if not lengths:
+        return {}
+    ordered_lengths = sorted(lengths)
+    n = len(ordered_lengths)
+    return {"reasoning_tokens_mean": round(sum(ordered_lengths) / n, 2),
+            "reasoning_tokens_p50": float(ordered_lengths[n // 2]),
+            "reasoning_tokens_p90": float(ordered_lengths[min(n - 1, int(0.9 * n))]),
+            "empty_reasoning_rate": round(sum(x == 0 for x in ordered_lengths) / n, 4),
+            "missing_embed_token_rate": round(missing / n, 4)}
 
 
 def pivot(rows: list[ResultRow], measure: str) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:

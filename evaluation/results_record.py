@@ -65,6 +65,16 @@ def _checkpoint(row: dict[str, Any]) -> str:
     return row["checkpoint"] + (f" @{digest[:8]}" if digest else "")
 
 
+def _mode(row: dict[str, Any]) -> str:
+    """Reasoning rows say how much reasoning there was: greedy analysis tokens (mean) and the share of
+    empty analyses; rows recorded before this was measured say so."""
+    if row.get("mode") != "reasoning":
+        return _fmt(row.get("mode"))
+    if "reasoning_tokens_mean" not in row:
+        return "reasoning (length not measured)"
+    return f"reasoning ({row['reasoning_tokens_mean']:.1f} tokens, {100 * row['empty_reasoning_rate']:.0f}% empty)"
+
+
 def _trained(row: dict[str, Any]) -> str:
     if not row.get("trained_on"):
         return "–"
@@ -83,6 +93,8 @@ def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") ->
         "folder that was loaded: the same path with another digest is another (retrained) adapter.",
         "`where` is the device and, for neural retrievers, the compute dtype: bf16 and fp32 runs of one",
         "command are separate rows (the dtype changes scores and, on CPUs without native bf16, wall times many-fold).",
+        "A reasoning-mode row gives the mean length of its greedy analyses and the share of empty ones (the",
+        "embed token written at once): with no analysis, reasoning mode is direct mode under another prompt.",
         "",
         "| dataset | split | retriever | mode | checkpoint | trained on | nDCG@10 | R@100 | RR@10 | queries | docs | wall time (s) | where | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -92,7 +104,7 @@ def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") ->
         if r.get("corpus_size") and r.get("num_docs") != r.get("corpus_size"):
             docs += f" of {r['corpus_size']}"
         cells = [
-            r["dataset"], r["split"], r["retriever"], _fmt(r["mode"]), _checkpoint(r), _trained(r),
+            r["dataset"], r["split"], r["retriever"], _mode(r), _checkpoint(r), _trained(r),
             _fmt(r["nDCG@10"]), _fmt(r["R@100"]), _fmt(r["RR@10"]), _fmt(r.get("num_queries")), docs,
             f"{r['wall_time_s']:.0f}" + (" (docs cached)" if r.get("documents_from_cache") else ""),
             r.get("device", "–") + (f", {r['precision']}" if r.get("precision") else ""),

@@ -9,6 +9,7 @@ logits that predict them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -116,22 +117,49 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
     return centred.flatten()
 
 
-def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2) -> Tensor:
-    """PPO-clip surrogate on sampled tokens, as GRPO uses it: per-sequence mean over its tokens, then
-    the mean over sequences (every trajectory weighs the same, whatever its length).
+LossNorm = Literal["sequence", "token", "constant"]
+
+
+def informative_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """``[R]`` bool: True for rollouts whose group's rewards are not all equal (the only groups whose
+    advantages say anything about which rollout was better)."""
+    groups = rewards.view(-1, group_size)
+    return (groups.max(1).values != groups.min(1).values).repeat_interleave(group_size)
+
+
+def grpo_policy_loss(logp: Tensor, advantages: Tensor, mask: Tensor, informative: Tensor,
+                     norm: LossNorm = "sequence", max_tokens: int | None = None) -> Tensor:
+    """GRPO's policy term for strictly on-policy updates: ``-A · ratio`` per policy token with the
+    ratio ``exp(logp - logp.detach())`` (1 in value, ``∇logp`` in gradient), averaged as ``norm`` says.
+
+    Only rollouts of informative groups (``informative``; see :func:`informative_groups`) enter the
+    average: an all-equal group has advantage 0 and would only dilute the others.
+
+    - ``sequence`` (GRPO): per rollout, the mean over its tokens; then the mean over rollouts. Every
+      rollout weighs the same, so a token of a short rollout weighs more than one of a long rollout.
+    - ``token`` (DAPO): the sum over all tokens of the rollouts over their number of tokens.
+    - ``constant`` (Dr. GRPO): per rollout, the sum over its tokens divided by ``max_tokens`` (the
+      length cap); then the mean over rollouts. No length bias in either direction.
 
     Args:
-        logp / old_logp: ``[R, T]`` log-probabilities of the sampled tokens under the current policy
-            and the one that sampled them (equal on the first update of a batch: ratio 1).
-        advantages: ``[R]``.
-        mask: ``[R, T]`` True on sampled response tokens; prompt tokens, padding and text appended
-            by the format fix-up are False, so they get no gradient.
+        logp: ``[R, T]`` log-probabilities of the policy tokens (0 elsewhere).
+        advantages: ``[R]``. mask: ``[R, T]`` True on policy tokens. informative: ``[R]`` bool.
     """
-    ratio = torch.exp((logp - old_logp).masked_fill(~mask, 0.0))
-    a = advantages[:, None].to(logp.dtype)
-    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a).masked_fill(~mask, 0.0)
-    per_sequence = surrogate.sum(1) / mask.sum(1).clamp(min=1)
-    return -per_sequence.mean()
+    rows = informative.bool() & mask.any(1)
+    if not bool(rows.any()):
+        return logp.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) intact
+    ratio = torch.exp(logp - logp.detach())
+    per_token = -(ratio * advantages[:, None].to(logp.dtype)).masked_fill(~mask, 0.0)[rows]
+    tokens = mask[rows].sum(1)
+    if norm == "sequence":
+        return (per_token.sum(1) / tokens).mean()
+    if norm == "token":
+        return per_token.sum() / tokens.sum()
+    if norm == "constant":
+        if not max_tokens:
+            raise ValueError("loss_norm 'constant' needs max_tokens (the length cap)")
+        return (per_token.sum(1) / max_tokens).mean()
+    raise ValueError(f"unknown loss normalisation {norm!r}: use sequence, token or constant")
 
 
 class _RandomState:

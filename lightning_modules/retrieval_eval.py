@@ -29,7 +29,13 @@ from torch import nn
 from search_r3.datamodules.beir import RetrievalTask
 from search_r3.evaluation.dense_eval import EmbeddingStore, gather_rows, ordered, score_run, score_task
 from search_r3.evaluation.metrics import DEFAULT_MEASURES
-from search_r3.evaluation.report import ResultRow, print_table, write_bar_chart, write_markdown_tables
+from search_r3.evaluation.report import (
+    ResultRow,
+    print_table,
+    reasoning_length_stats,
+    write_bar_chart,
+    write_markdown_tables,
+)
 from search_r3.evaluation.results_record import record_rows
 from search_r3.evaluation.retrievers import DenseRetriever, Retriever, corpus_digest
 from search_r3.evaluation.run_files import write_trec_run
@@ -39,6 +45,10 @@ log = logging.getLogger(__name__)
 
 def _missing_tokens(retriever: Retriever) -> int:
     return int(getattr(getattr(retriever, "encoder", None), "missing_embed_token_count", 0))
+
+
+def _reasoning_lengths(retriever: Retriever) -> list[int]:
+    return getattr(getattr(retriever, "encoder", None), "reasoning_lengths", [])
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -107,6 +117,7 @@ class RetrievalEvalModule(L.LightningModule):
         self.rows: list[ResultRow] = []
         self._seconds: dict[tuple, float] = defaultdict(float)
         self._missing: dict[tuple, int] = defaultdict(int)  # reasoning queries whose token was appended
+        self._lengths: dict[tuple, list[int]] = defaultdict(list)  # analysis tokens of reasoning queries
         self._cached: dict[tuple[int, str], torch.Tensor] = {}
         self.partial_save_s = partial_save_s
         self._resumed: dict[tuple[int, str], set[int]] = {}  # document indices taken from a partial file
@@ -119,6 +130,7 @@ class RetrievalEvalModule(L.LightningModule):
         self.rows = []
         self._seconds.clear()
         self._missing.clear()
+        self._lengths.clear()
         self._cached = {}
         self._resumed = {}
         self._partial = {}
@@ -156,9 +168,10 @@ class RetrievalEvalModule(L.LightningModule):
             else:
                 for mode in retriever.modes:
                     start = time.perf_counter()
-                    missing = _missing_tokens(retriever)
+                    missing, lengths = _missing_tokens(retriever), len(_reasoning_lengths(retriever))
                     self.store.add((i, task, "query", mode), batch["index"], retriever.encode_queries(texts, mode))
                     self._missing[(i, task, mode)] += _missing_tokens(retriever) - missing
+                    self._lengths[(i, task, mode)] += _reasoning_lengths(retriever)[lengths:]
                     self._seconds[(i, task, mode)] += time.perf_counter() - start
 
     def on_test_epoch_end(self) -> None:
@@ -179,13 +192,15 @@ class RetrievalEvalModule(L.LightningModule):
                         metrics_ = score_run(task, run, self.measures)
                     seconds = time.perf_counter() - start + self._seconds[(i, task.name)] + self._seconds[(i, task.name, mode)]
                     row = self._row(retriever, mode, task, metrics_, seconds, cached=(i, task.name) in self._cached)
+                    if mode == "reasoning":
+                        row.reasoning = reasoning_length_stats(self._lengths[(i, task.name, mode)],
+                                                               self._missing[(i, task.name, mode)])
                     self.rows.append(row)
                     runs[(row.label, task.name)] = run
                     metrics.update({metric_key("test", task.name, row.label, k): v for k, v in metrics_.items()})
                     metrics[metric_key("test", task.name, row.label, "wall_time_s")] = seconds
-                    if mode == "reasoning":
-                        rate = self._missing[(i, task.name, mode)] / max(len(task.queries), 1)
-                        metrics[metric_key("test", task.name, row.label, "missing_embed_token_rate")] = rate
+                    for key, value in (row.reasoning or {}).items():
+                        metrics[metric_key("test", task.name, row.label, key)] = value
         if self.trainer.is_global_zero:
             # Straight to the loggers: self.log would print one duplicate column per dataloader.
             for logger in self.trainer.loggers:

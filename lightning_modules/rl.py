@@ -5,33 +5,44 @@ Per step, for B queries the policy samples G reasoning trajectories each (reason
 embedding at the token. The environment is refreshed selectively around those embeddings (see
 :mod:`search_r3.environment.env`), each embedding is rewarded by how it ranks the query's positives, and
 
-    loss = policy (clipped surrogate, GRPO) + β · KL(policy ‖ reference) + λ · InfoNCE(rollout embeddings)
+    loss = policy (GRPO) + β · KL(policy ‖ reference) + λ · InfoNCE(rollout embeddings)
 
 Our choices where the paper is silent (``docs/design.md``), with why:
 
-- **Advantages**: ``(r − mean_group) / (std_group + 1e-6)`` (GRPO's normalisation; ``scale_rewards:
-  false`` gives the unscaled Dr.-GRPO variant). A group with equal rewards gets 0 exactly; the
-  fraction of such groups is logged because rank rewards saturate (all 0 or all 1).
-- **Policy loss**: PPO-clip per token, averaged per trajectory then over trajectories. Rollouts are
-  used for ``inner_epochs`` updates (1 = strictly on-policy: the ratio is 1 and the clip inactive).
-  The tokens appended by the format fix-up (a trajectory that never wrote the token) were not sampled
-  and are masked out, as are prompt tokens.
-- **KL**: exact per-token KL over the vocabulary against the reference = the same model with the
-  adapter disabled (no second copy), not GRPO's k3 sample estimator: both distributions are in
-  memory anyway, and the exact value has no variance. Taken on every sampled token but the embed
-  token (``EmbeddingLM.kl_targets``): the reference cannot write it, so a KL there would fight the
-  format reward.
+- **Reference = where Stage 2 starts.** The encoder loads the Stage-1 adapter *and* new ``lora``
+  settings: :class:`~search_r3.model.EmbeddingLM` merges Stage 1 (LoRA and token row) into the weights
+  and trains a fresh LoRA on top, so the adapter-disabled model is exactly the Stage-1 policy. At step
+  0 the KL is 0 and the embeddings are Stage 1's.
+- **Strictly on-policy, no dropout.** Each batch of rollouts is used for one update, so the importance
+  ratio is 1 and PPO's clip never acts (not configurable: a multi-epoch variant needs its own step and
+  schedule accounting, and nothing here needs it). RL runs the model without dropout (as TRL's
+  ``disable_dropout``): the policy that sampled, the one whose embedding is rewarded (and that test time
+  computes) and the one that is differentiated are the same deterministic function.
+- **Log-probs at the sampling temperature**: ``log_softmax(logits / T)``, for the policy term, the KL and
+  the entropy (``top_p`` < 1 truncates the sampler, which these log-probs ignore, as TRL does).
+- **Advantages**: ``(r − mean_group) / (std_group + 1e-6)`` (GRPO; ``scale_rewards: false`` gives Dr.
+  GRPO's unscaled variant). A group whose rewards are all equal carries no signal: it leaves the policy
+  term's mean (it is not counted in the denominator) and its share is logged.
+- **Normalisation** (``loss_norm``): ``sequence`` = mean over trajectories of their per-token mean
+  (GRPO), ``token`` = mean over all tokens of the batch (DAPO), ``constant`` = per-trajectory token sums
+  divided by the length cap, then the mean over trajectories (Dr. GRPO).
+- **Policy tokens**: every sampled token of the response. A trajectory that ends its turn without the
+  embed token keeps the stop token it actually sampled in the policy mask (the action that failed), while
+  the text appended by the format fix-up (" The embedding is <|embed_token|>") was never sampled and gets
+  no gradient. A capped trajectory sampled no stop token.
+- **KL**: exact per-token KL over the vocabulary to the reference, on every policy token, not GRPO's k3
+  sample estimator: both distributions are in memory anyway, and the exact value has no variance.
 - **Embedding term**: GRPO's gradient only reaches sampled tokens; the embedding is a hidden state,
   so λ · InfoNCE of each rollout embedding against its environment candidates (top-L ∪ positives,
   the documents' current vectors, no gradient through them) moves it directly; ``embed_advantage_weighted``
   weights rows by their positive advantage. λ = 0 is pure GRPO.
-- **Format**: a trajectory without the token (end of turn or length cap) gets ``failure_reward``; or,
-  with ``format_penalty`` set, the retrieval reward of its fixed-up embedding (the appended
-  " The embedding is <|embed_token|>") minus the penalty. Our deviation for weak starting points: a
-  Stage-1 model trained on direct-mode responses almost never emits the token by itself, so with a
-  constant failure reward every group is all-equal, every advantage is zero and nothing is learned
-  (seen in our first CPU run: format-failure rate 1.0, reward 0 for 21 steps). The penalty keeps the
-  retrieval signal while still paying trajectories that end properly.
+- **Format**: a trajectory without the token (end of turn or length cap), or whose analysis is shorter
+  than ``min_reasoning_tokens``, gets ``failure_reward``; or, with ``format_penalty`` set, the retrieval
+  reward of its embedding (for a missing token, the fixed-up one) minus the penalty. The penalty keeps
+  the retrieval signal for weak starting points: a Stage-1 model trained on direct-mode responses rarely
+  emits the token by itself, so with a constant failure reward every group is all-equal and nothing is
+  learned (our first CPU run: format-failure rate 1.0, reward 0 for 21 steps). ``min_reasoning_tokens``
+  is the guard against reasoning collapsing into "The embedding is" (direct mode under another prompt).
 """
 
 from __future__ import annotations
@@ -47,61 +58,74 @@ from torch import Tensor
 from search_r3.environment import ExactIndex, HNSWIndex, RefreshPolicy, RetrievalEnvironment
 from search_r3.environment.rewards import RewardKind
 from search_r3.lightning_modules.adapter_training import AdapterTrainingModule
+from search_r3.lightning_modules.losses import (
+    LossNorm,
+    grpo_policy_loss,
+    group_advantages,
+    informative_groups,
+    multi_positive_info_nce,
+    token_kl,
+)
 from search_r3.model.embedding_lm import EmbeddingLM
-from search_r3.lightning_modules.losses import clipped_policy_loss, group_advantages, multi_positive_info_nce, token_kl
 
 log = logging.getLogger(__name__)
 
 
 class RLModule(AdapterTrainingModule):
     """Args:
-        encoder: the shared wrapper, normally loading the Stage-1 adapter (``adapter`` + ``lora`` set,
-            so it keeps training).
+        encoder: the shared wrapper loading the Stage-1 adapter with new ``lora`` settings (Stage 1 is
+            merged and frozen as the reference; a fresh LoRA trains on top).
         group_size: trajectories per query (G).
         temperature / top_p / max_new_tokens: sampling of the trajectories (``None``: the encoder's cap).
-        clip_eps: PPO clip range. inner_epochs: updates per batch of rollouts.
+        loss_norm: how the policy term averages over tokens (``sequence``, ``token``, ``constant``).
         kl_weight: β. embed_weight: λ (0 = pure GRPO). embed_advantage_weighted: weight InfoNCE rows by
             max(advantage, 0). tau: InfoNCE temperature.
         scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
         reward_kind / reward_k: ``ndcg`` or ``scaled_dcg`` at cut-off k. failure_reward: reward of a
-            trajectory that never emitted the embed token. format_penalty: if set, such a trajectory is
-            rewarded by its fixed-up embedding's retrieval minus this instead (``failure_reward`` unused).
+            trajectory that fails the format. format_penalty: if set, such a trajectory is rewarded by its
+            (fixed-up) embedding's retrieval minus this instead (``failure_reward`` unused).
+        min_reasoning_tokens: analyses shorter than this fail the format (0: any analysis, even none).
         refresh: the environment's refresh policy. index: ``exact`` or ``hnsw``.
         probe_every: steps between fidelity probes on the validation queries (``None`` = never; each
             probe encodes the whole environment corpus once).
-        sample_texts: reasoning texts written per validation as an artifact.
+        sample_texts: held-out queries whose greedy reasoning is written per validation.
+        samples_every: steps between tables of training rollouts (query, reasoning, reward) in MLflow.
         lr / weight_decay / warmup_steps / gradient_clip / adapter_dir: see :class:`AdapterTrainingModule`.
         val_modes: query modes scored at validation (the first selects the adapter).
     """
 
     def __init__(self, encoder: EmbeddingLM, group_size: int = 4, temperature: float = 1.0, top_p: float = 1.0,
-                 max_new_tokens: int | None = None, clip_eps: float = 0.2, inner_epochs: int = 1,
+                 max_new_tokens: int | None = None, loss_norm: LossNorm = "sequence",
                  kl_weight: float = 0.04, embed_weight: float = 0.1, embed_advantage_weighted: bool = False,
                  tau: float = 0.05, scale_rewards: bool = True, reward_kind: RewardKind = "ndcg", reward_k: int = 10,
-                 failure_reward: float = 0.0, format_penalty: float | None = None,
+                 failure_reward: float = 0.0, format_penalty: float | None = None, min_reasoning_tokens: int = 0,
                  refresh: RefreshPolicy | None = None, index: Literal["exact", "hnsw"] = "exact",
-                 probe_every: int | None = None, sample_texts: int = 4,
+                 probe_every: int | None = None, sample_texts: int = 4, samples_every: int = 8,
                  lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0, gradient_clip: float = 1.0,
                  adapter_dir: str = "runs/rl/adapter", val_modes: list[Literal["direct", "reasoning"]] | None = None) -> None:
         super().__init__(encoder, lr, weight_decay, warmup_steps, gradient_clip, adapter_dir,
                          val_modes or ["reasoning", "direct"])
         if group_size < 2:
             raise ValueError("group_size must be at least 2: GRPO's advantage compares rollouts of one query")
-        if inner_epochs < 1:
-            raise ValueError("inner_epochs must be at least 1")
+        if temperature <= 0:
+            raise ValueError("temperature must be positive: GRPO samples its rollouts")
         self.group_size, self.temperature, self.top_p, self.max_new_tokens = group_size, temperature, top_p, max_new_tokens
-        self.clip_eps, self.inner_epochs = clip_eps, inner_epochs
+        self.loss_norm = loss_norm
         self.kl_weight, self.embed_weight, self.embed_advantage_weighted, self.tau = \
             kl_weight, embed_weight, embed_advantage_weighted, tau
         self.scale_rewards, self.reward_kind, self.reward_k, self.failure_reward = \
             scale_rewards, reward_kind, reward_k, failure_reward
-        self.format_penalty = format_penalty
+        self.format_penalty, self.min_reasoning_tokens = format_penalty, min_reasoning_tokens
         self.refresh_policy = refresh or RefreshPolicy()
         self.index_kind = index
-        self.probe_every, self.sample_texts = probe_every, sample_texts
+        self.probe_every, self.sample_texts, self.samples_every = probe_every, sample_texts, samples_every
         self.env: RetrievalEnvironment | None = None
         self._saved_env: dict[str, Any] | None = None
         self.last_rollouts: list[tuple[str, str, float]] = []
+
+    @property
+    def cap(self) -> int:
+        return self.max_new_tokens or self.encoder.max_reasoning_tokens
 
     # ------------------------------------------------------------------ environment
     def build_environment(self, texts: list[str], doc_ids: list[str],
@@ -142,29 +166,42 @@ class RLModule(AdapterTrainingModule):
         self._saved_env = checkpoint.get("environment")
 
     # ------------------------------------------------------------------ rollouts
-    def rollout(self, queries: list[str]) -> dict[str, Tensor | list]:
-        """Sample G trajectories per query and lay them out for one training forward pass."""
+    def rollout(self, queries: list[str]) -> dict[str, Any]:
+        """Sample G trajectories per query and lay them out for one training forward pass.
+
+        ``policy`` marks the positions whose token the policy chose (``targets`` holds it: the sampled
+        token, or, where a failed trajectory's fix-up text starts, the stop token it sampled there)."""
         texts = [q for q in queries for _ in range(self.group_size)]
-        prompts, responses, missing = self.encoder.generate_reasoning(
-            texts, max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        gen = self.encoder.generate_reasoning(texts, max_new_tokens=self.max_new_tokens, do_sample=True,
+                                              temperature=self.temperature, top_p=self.top_p)
         close = len(self.encoder.tokenizer(self.encoder.prompts.reasoning_close, add_special_tokens=False)["input_ids"])
-        ids, mask = self.encoder.pad([p + r for p, r in zip(prompts, responses)])
-        sampled = torch.zeros_like(mask, dtype=torch.bool)
-        for i, (p, r, miss) in enumerate(zip(prompts, responses, missing)):
-            sampled[i, len(p): len(p) + len(r) - (close if miss else 0)] = True
-        cap = self.max_new_tokens or self.encoder.max_reasoning_tokens
-        lengths = sampled.sum(1)
-        return {"texts": texts, "input_ids": ids, "attention_mask": mask, "sampled": sampled,
-                "missing": torch.tensor(missing), "capped": (lengths >= cap) & torch.tensor(missing),
-                "lengths": lengths, "responses": responses}
+        ids, mask = self.encoder.pad([p + r for p, r in zip(gen.prompts, gen.responses)])
+        policy = torch.zeros_like(mask, dtype=torch.bool)
+        targets = ids.clone()
+        analysis = []
+        for i, (p, r, miss, stop) in enumerate(zip(gen.prompts, gen.responses, gen.missing, gen.stop_tokens)):
+            end = len(p) + len(r) - (close if miss else 0)  # end of what was sampled before any fix-up
+            policy[i, len(p): end] = True
+            if stop is not None:  # the turn ended here: the sampled stop token is the action to score
+                policy[i, end] = True
+                targets[i, end] = stop
+            analysis.append(end - len(p) - (0 if miss else 1))  # without the embed token itself
+        analysis_len = torch.tensor(analysis)
+        missing = torch.tensor(gen.missing)
+        return {"texts": texts, "input_ids": ids, "attention_mask": mask, "policy": policy, "targets": targets,
+                "missing": missing, "capped": missing & torch.tensor([s is None for s in gen.stop_tokens]),
+                "analysis_tokens": analysis_len, "responses": gen.responses,
+                "format_failed": missing | (analysis_len < self.min_reasoning_tokens)}
 
     def _forward(self, r: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-        """Embeddings [R, d], per-token log-probs [R, T] of the sampled tokens, and their logits [n, V]."""
-        emb, logits = self.encoder.embed_and_response_logits(r["input_ids"], r["attention_mask"], r["sampled"])
-        targets = r["input_ids"][r["sampled"]]
-        token_logp = F.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
-        logp = torch.zeros(r["sampled"].shape, dtype=token_logp.dtype, device=token_logp.device)
-        logp = logp.masked_scatter(r["sampled"], token_logp)
+        """Embeddings [R, d], per-token log-probs [R, T] of the policy tokens at the sampling temperature,
+        and the tempered logits [n, V] of those positions."""
+        with self.encoder.eval_mode():  # no dropout: see the module docstring
+            emb, logits = self.encoder.embed_and_response_logits(r["input_ids"], r["attention_mask"], r["policy"])
+        logits = logits.float() / self.temperature
+        token_logp = F.log_softmax(logits, dim=-1).gather(1, r["targets"][r["policy"]][:, None]).squeeze(1)
+        logp = torch.zeros(r["policy"].shape, dtype=token_logp.dtype, device=token_logp.device)
+        logp = logp.masked_scatter(r["policy"], token_logp)
         return emb, logp, logits
 
     # ------------------------------------------------------------------ training
@@ -175,33 +212,33 @@ class RLModule(AdapterTrainingModule):
         r = self.rollout(batch["query"])
         env.set_step(self.global_step)  # model version = optimizer steps taken
         emb, logp, logits = self._forward(r)
-        old_logp = logp.detach()
         stats = env.step_refresh(emb.detach(), positives)
-        rewards = self.rollout_rewards(emb.detach(), positives, r["missing"]).to(self.device)
+        rewards = self.rollout_rewards(r, emb.detach(), positives).to(self.device)
         advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
-        for epoch in range(self.inner_epochs):
-            if epoch:
-                emb, logp, logits = self._forward(r)
-            terms = self.losses(r, emb, logp, old_logp, logits, advantages, positives)
-            total = terms["policy"] + self.kl_weight * terms["kl"] + self.embed_weight * terms["embed"]
-            self.optimizers().zero_grad()
-            self.manual_backward(total)
-            self.optimizer_step_now()
-        self._log_step(r, rewards, advantages, terms, total, stats)
+        terms = self.losses(r, emb, logp, logits, advantages, positives, rewards)
+        total = terms["policy"] + self.kl_weight * terms["kl"] + self.embed_weight * terms["embed"]
+        self.optimizers().zero_grad()
+        self.manual_backward(total)
+        self.optimizer_step_now()
+        self._log_step(r, rewards, advantages, terms, total, stats, logits)
         self.last_rollouts = [(t, self.encoder.tokenizer.decode(resp), float(rw))
                               for t, resp, rw in zip(r["texts"], r["responses"], rewards)]
+        if self.samples_every and self.global_step % self.samples_every == 0:
+            self._log_samples()
         if self.probe_every and (self.global_step % self.probe_every == 0):
             self._probe()
         return total.detach()
 
-    def losses(self, r: dict[str, Any], emb: Tensor, logp: Tensor, old_logp: Tensor, logits: Tensor,
-               advantages: Tensor, positives: list[list[int]]) -> dict[str, Tensor]:
+    def losses(self, r: dict[str, Any], emb: Tensor, logp: Tensor, logits: Tensor, advantages: Tensor,
+               positives: list[list[int]], rewards: Tensor) -> dict[str, Tensor]:
         """The three terms, unweighted (``policy``, ``kl``, ``embed``)."""
-        terms = {"policy": clipped_policy_loss(logp, old_logp, advantages, r["sampled"], self.clip_eps)}
+        informative = informative_groups(rewards, self.group_size)
+        terms = {"policy": grpo_policy_loss(logp, advantages, r["policy"], informative, self.loss_norm, self.cap)}
         if self.kl_weight:
-            with torch.no_grad(), self.encoder.lm.disable_adapter():
-                _, ref_logits = self.encoder.embed_and_response_logits(r["input_ids"], r["attention_mask"], r["sampled"])
-            terms["kl"] = token_kl(logits, ref_logits, self.encoder.kl_targets(r["input_ids"][r["sampled"]]))
+            with torch.no_grad(), self.encoder.eval_mode(), self.encoder.lm.disable_adapter():
+                _, ref_logits = self.encoder.embed_and_response_logits(r["input_ids"], r["attention_mask"], r["policy"])
+            every = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+            terms["kl"] = token_kl(logits, ref_logits.float() / self.temperature, every)
         else:
             terms["kl"] = logits.new_zeros(())
         if self.embed_weight:
@@ -214,41 +251,76 @@ class RLModule(AdapterTrainingModule):
             terms["embed"] = emb.new_zeros(())
         return terms
 
+    def rollout_rewards(self, r: dict[str, Any], emb: Tensor, positives: list[list[int]]) -> Tensor:
+        """Per trajectory: retrieval reward in the environment, with the format rule for failed ones."""
+        assert self.env is not None, "the environment is built in on_train_start"
+        failed = r["format_failed"].cpu().bool()
+        if self.format_penalty is None:
+            return self.env.reward(emb, positives, k=self.reward_k, kind=self.reward_kind, valid=~failed,
+                                   failure_reward=self.failure_reward)
+        return self.env.reward(emb, positives, k=self.reward_k, kind=self.reward_kind) - self.format_penalty * failed.float()
+
+    # ------------------------------------------------------------------ telemetry
     def _log_step(self, r: dict[str, Any], rewards: Tensor, advantages: Tensor, terms: dict[str, Tensor],
-                  total: Tensor, stats: Any) -> None:
-        groups = rewards.view(-1, self.group_size)
+                  total: Tensor, stats: Any, logits: Tensor) -> None:
+        """Per step and, averaged, per epoch: what the paper reports of RL (the share of rewards >= 0.5)
+        and what shows a run going wrong (format failures, reasoning length and collapse to no analysis,
+        all-equal groups, KL, entropy)."""
         n = rewards.numel()
-        metrics = {
-            "train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()) if n > 1 else 0.0,
+        with torch.no_grad():
+            probs = F.softmax(logits.detach(), dim=-1)
+            entropy = float(-(probs * F.log_softmax(logits.detach(), dim=-1)).sum(-1).mean()) if len(logits) else 0.0
+        length = r["analysis_tokens"].float()
+        per_epoch = {
             "train/reward_ge_0.5": float((rewards >= 0.5).float().mean()),
-            "train/zero_advantage_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
-            "train/policy_loss": float(terms["policy"]), "train/kl": float(terms["kl"]),
-            "train/embed_loss": float(terms["embed"]), "train/loss": float(total),
-            "train/reasoning_tokens": float(r["lengths"].float().mean()),
-            "train/format_failure_rate": float(r["missing"].float().mean()),
-            "train/length_cap_rate": float(r["capped"].float().mean()),
+            "train/format_failure_rate": float(r["format_failed"].float().mean()),
+            "train/missing_token_rate": float(r["missing"].float().mean()),
+            "train/zero_variance_groups": 1.0 - float(informative_groups(rewards, self.group_size).float().mean()),
+            "train/kl": float(terms["kl"]), "train/entropy": entropy,
+            "train/reasoning_tokens": float(length.mean()),
+            "train/empty_reasoning_rate": float((length == 0).float().mean()),
+        }
+        per_step = {
+            "train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()) if n > 1 else 0.0,
+            "train/reasoning_tokens_p10": float(length.quantile(0.1)),
+            "train/reasoning_tokens_p50": float(length.quantile(0.5)),
+            "train/reasoning_tokens_p90": float(length.quantile(0.9)),
+            "train/policy_loss": float(terms["policy"]), "train/embed_loss": float(terms["embed"]),
+            "train/loss": float(total), "train/length_cap_rate": float(r["capped"].float().mean()),
             "train/advantage_abs_mean": float(advantages.abs().mean()),
         }
-        metrics.update(stats.metrics("env/"))
-        self.log_dict(metrics, batch_size=n)
-        # Also averaged per epoch: with a few queries per step the step values are noisy, the epoch
-        # mean over the same queries shows whether the reward rises.
-        self.log("train/reward", metrics["train/reward_mean"], prog_bar=True, batch_size=n, on_step=True, on_epoch=True)
+        per_step.update(stats.metrics("env/"))
+        self.log_dict(per_step, batch_size=n)
+        self.log_dict(per_epoch, batch_size=n, on_step=True, on_epoch=True)
+        # With a few queries per step the step values are noisy; the epoch mean over the same queries
+        # (train/reward_epoch) shows whether the reward rises.
+        self.log("train/reward", per_step["train/reward_mean"], prog_bar=True, batch_size=n, on_step=True,
+                 on_epoch=True)
+
+    def _log_samples(self) -> None:
+        """The last rollouts as a table (query, reasoning, reward) that MLflow's UI shows."""
+        if not self.trainer.is_global_zero or not self.last_rollouts:
+            return
+        table = {"step": [self.global_step] * len(self.last_rollouts),
+                 "query": [q for q, _, _ in self.last_rollouts],
+                 "reasoning": [t for _, t, _ in self.last_rollouts],
+                 "reward": [w for _, _, w in self.last_rollouts]}
+        name = f"rollouts/step_{self.global_step:06d}.json"
+        logger = self.logger
+        if logger is not None and type(logger).__name__ == "MLFlowLogger":
+            logger.experiment.log_table(logger.run_id, data=table, artifact_file=name)
+            return
+        import json
+
+        path = Path(self.adapter_dir).parent / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=1))
 
     def _probe(self) -> None:
         dm = self.trainer.datamodule
         texts = [q for task in dm.validation.tasks for q in task.queries.values()]
         probe = self.env.fidelity_probe(self.encoder.encode_queries(texts), k=10)
         self.log_dict(probe.metrics("env/probe_"))
-
-    def rollout_rewards(self, emb: Tensor, positives: list[list[int]], missing: Tensor) -> Tensor:
-        """Per trajectory: retrieval reward in the environment, with the format rule for ``missing`` ones."""
-        assert self.env is not None, "the environment is built in on_train_start"
-        missing = missing.cpu().bool()
-        if self.format_penalty is None:
-            return self.env.reward(emb, positives, k=self.reward_k, kind=self.reward_kind, valid=~missing,
-                                   failure_reward=self.failure_reward)
-        return self.env.reward(emb, positives, k=self.reward_k, kind=self.reward_kind) - self.format_penalty * missing.float()
 
     # ------------------------------------------------------------------ validation extras
     def on_validation_epoch_end(self) -> None:

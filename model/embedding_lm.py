@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 Mode = Literal["direct", "reasoning"]
 META_FILE = "search_r3.json"
 TOKEN_ROW_FILE = "embed_token_row.pt"
+BASE_ADAPTER_DIR = "base_adapter"
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 DType = Literal["auto", "bfloat16", "float32", "float16"]
 
@@ -63,6 +65,19 @@ class LoraSettings:
 
 
 @dataclass
+class Generated:
+    """Sampled reasoning, per row: the prompt ids, the response ids (ending with the embed token, appended
+    by the format fix-up where ``missing``), and the stop token the model sampled where it ended its turn
+    without the embed token (``None`` where it emitted the token or hit the length cap)."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    missing: list[bool]
+    stop_tokens: list[int | None]
+    analysis_tokens: list[int]
+
+
+@dataclass
 class ReasoningOutput:
     """What reasoning mode produced for a batch of queries.
 
@@ -74,6 +89,7 @@ class ReasoningOutput:
     embeddings: Tensor  # [B, d] fp32, unit norm
     texts: list[str]  # the generated analysis, without the closing embed sentence
     missing_embed_token: Tensor  # [B] bool: the model never emitted the token; it was appended
+    analysis_tokens: Tensor  # [B] generated tokens before the embed token (0: no analysis at all)
     input_ids: Tensor
     attention_mask: Tensor
     prompt_lengths: Tensor  # [B]
@@ -135,13 +151,13 @@ class EmbeddingLM(nn.Module):
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
         _add_embed_token_row(lm, self.embed_token_id)
         meta = _read_meta(adapter) if adapter else None
-        if meta is not None:
-            _check_adapter(meta, adapter, base_model, self.prompts)
-        if meta is not None and meta.get("lora") is not None:
-            from peft import PeftModel
-
-            lm = PeftModel.from_pretrained(lm, adapter, is_trainable=lora is not None)
-        elif lora is not None:
+        if adapter is not None:
+            # With `lora` as well, the adapter is where training *starts*: it is merged into the base
+            # weights and a fresh LoRA trains on top, so `disable_adapter()` gives exactly the loaded
+            # model (Stage 2's KL reference is the Stage-1 policy, not the pre-Stage-1 base).
+            lm = _load_adapter_chain(lm, Path(adapter), base_model, self.prompts, self.embed_token_id,
+                                     merge_top=lora is not None)
+        if lora is not None:
             from peft import LoraConfig, get_peft_model
 
             lm = get_peft_model(
@@ -155,13 +171,12 @@ class EmbeddingLM(nn.Module):
                     task_type="CAUSAL_LM",
                 ),
             )
-        if meta is not None and meta.get("lora") is None:
-            row = torch.load(Path(adapter) / TOKEN_ROW_FILE, map_location="cpu", weights_only=True)
-            with torch.no_grad():
-                lm.get_input_embeddings().weight[self.embed_token_id] = row.to(lm.dtype)
+        # The adapter that a new LoRA is stacked on: saved inside every adapter this model writes.
+        self.stacked_on: Path | None = Path(adapter) if adapter is not None and lora is not None else None
         self.lm = lm
         self.lora = lora if lora is not None else (LoraSettings(**meta["lora"]) if meta and meta.get("lora") else None)
         self.missing_embed_token_count = 0  # reasoning samples whose token had to be appended
+        self.reasoning_lengths: list[int] = []  # analysis tokens of every reasoning-mode query encoded
         self._prompt_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
     # ------------------------------------------------------------------ properties
@@ -184,16 +199,22 @@ class EmbeddingLM(nn.Module):
         return base.get_decoder()
 
     @contextmanager
-    def inference(self) -> Iterator[None]:
-        """Eval mode (no LoRA dropout) and no grad, restoring the previous mode afterwards, so that
-        encoding inside a training loop neither perturbs embeddings nor flips the model to eval."""
+    def eval_mode(self) -> Iterator[None]:
+        """Eval mode (no dropout) with gradients still on, restoring the previous mode afterwards: RL
+        differentiates exactly the deterministic function that sampled and that test time embeds with."""
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
-                yield
+            yield
         finally:
             self.train(was_training)
+
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """Eval mode (no LoRA dropout) and no grad, restoring the previous mode afterwards, so that
+        encoding inside a training loop neither perturbs embeddings nor flips the model to eval."""
+        with self.eval_mode(), torch.no_grad():
+            yield
 
     def fingerprint(self) -> str:
         """Identifies what determines the embeddings: base model, adapter *content*, prompts,
@@ -363,12 +384,8 @@ class EmbeddingLM(nn.Module):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
-    ) -> tuple[list[list[int]], list[list[int]], list[bool]]:
-        """Sample an analysis for each query, closed by the embed token.
-
-        Returns per row: prompt ids, response ids (ending with the embed token) and whether the token
-        had to be appended because the model ended its turn or hit the cap without emitting it.
-        """
+    ) -> Generated:
+        """Sample an analysis for each query, closed by the embed token (see :class:`Generated`)."""
         from transformers import GenerationConfig
 
         if any(not t.strip() for t in texts):
@@ -393,24 +410,27 @@ class EmbeddingLM(nn.Module):
         close_ids = self.tokenizer(self.prompts.reasoning_close, add_special_tokens=False)["input_ids"]
         pad = self.tokenizer.pad_token_id
         finished = [close_response(row, self.embed_token_id, set(stops) | {pad}, close_ids) for row in new]
-        responses = [r for r, _ in finished]
-        missing = [m for _, m in finished]
-        return prompts, responses, missing
+        responses = [r for r, _, _ in finished]
+        missing = [m for _, m, _ in finished]
+        analysis = [len(r) - (len(close_ids) if m else 1) for r, m in zip(responses, missing)]
+        return Generated(prompts, responses, missing, [s for _, _, s in finished], analysis)
 
     def reason(self, texts: Sequence[str], **generation: object) -> ReasoningOutput:
         """Reasoning mode: generate, then re-forward the full sequence and read the embed token.
 
         The re-forward (instead of one extra cached decoding step) gives exactly the hidden state a
-        training step will see for the same tokens, which the RL stage relies on.
+        training step will see for the same tokens, which the RL stage relies on. The analysis lengths
+        are kept (``reasoning_lengths``) so every reasoning-mode result can say how much reasoning there was.
         """
-        prompts, responses, missing = self.generate_reasoning(texts, **generation)  # type: ignore[arg-type]
-        self.missing_embed_token_count += sum(missing)
-        ids, mask = self.pad([p + r for p, r in zip(prompts, responses)])
+        gen = self.generate_reasoning(texts, **generation)  # type: ignore[arg-type]
+        self.missing_embed_token_count += sum(gen.missing)
+        self.reasoning_lengths.extend(gen.analysis_tokens)
+        ids, mask = self.pad([p + r for p, r in zip(gen.prompts, gen.responses)])
         with self.inference():
             emb = self.embed_at_token(ids, mask).cpu()
         close = self.prompts.reasoning_close
         analyses = []
-        for resp, miss in zip(responses, missing):
+        for resp, miss in zip(gen.responses, gen.missing):
             text = self.tokenizer.decode(resp, skip_special_tokens=False)
             if miss and text.endswith(close):
                 text = text[: -len(close)]
@@ -418,17 +438,24 @@ class EmbeddingLM(nn.Module):
         return ReasoningOutput(
             embeddings=emb,
             texts=analyses,
-            missing_embed_token=torch.tensor(missing),
+            missing_embed_token=torch.tensor(gen.missing),
+            analysis_tokens=torch.tensor(gen.analysis_tokens),
             input_ids=ids,
             attention_mask=mask,
-            prompt_lengths=torch.tensor([len(p) for p in prompts]),
+            prompt_lengths=torch.tensor([len(p) for p in gen.prompts]),
         )
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
-        """Write what training changed: the LoRA adapter with the embed-token row, or the row alone."""
+        """Write what training changed: the LoRA adapter with the embed-token row, or the row alone.
+
+        A model stacked on a loaded adapter also copies that adapter into ``base_adapter/``: the folder
+        then loads on its own (``EmbeddingLM(adapter=directory)`` merges the chain back in order), and
+        its digest covers the weights of every stage."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if self.stacked_on is not None and self.stacked_on.resolve() != directory.resolve():
+            _copy_folder(self.stacked_on, directory / BASE_ADAPTER_DIR)
         if self.is_peft:
             # save_embedding_layers=False keeps only the trained token row, not the 49k x d matrix.
             self.lm.save_pretrained(directory, save_embedding_layers=False)
@@ -442,6 +469,7 @@ class EmbeddingLM(nn.Module):
             "embed_token_id": self.embed_token_id,
             "lora": asdict(self.lora) if self.lora is not None else None,
             "prompts": asdict(self.prompts),
+            "stacked_on": BASE_ADAPTER_DIR if self.stacked_on is not None else None,
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
         return directory
@@ -449,13 +477,16 @@ class EmbeddingLM(nn.Module):
 
 def close_response(
     generated: list[int], embed_token_id: int, stop_ids: set[int], close_ids: list[int]
-) -> tuple[list[int], bool]:
+) -> tuple[list[int], bool, int | None]:
     """Cut a generated row right after its first embed token; if there is none, cut at the first
-    stop/pad token (or keep the capped row) and append ``close_ids``. Returns (response, appended)."""
+    stop/pad token (or keep the capped row) and append ``close_ids``.
+
+    Returns (response, appended, the stop token cut at: ``None`` when the row emitted the embed token or
+    ran to the cap). RL scores that stop token: it is the sampled action that failed the format."""
     if embed_token_id in generated:
-        return generated[: generated.index(embed_token_id) + 1], False
+        return generated[: generated.index(embed_token_id) + 1], False, None
     cut = next((i for i, t in enumerate(generated) if t in stop_ids), len(generated))
-    return generated[:cut] + close_ids, True
+    return generated[:cut] + close_ids, True, generated[cut] if cut < len(generated) else None
 
 
 def _add_embed_token_row(lm: nn.Module, token_id: int) -> None:
@@ -474,6 +505,38 @@ def _add_embed_token_row(lm: nn.Module, token_id: int) -> None:
         out = lm.get_output_embeddings()
         if out is not None and out.weight.data_ptr() != weight.data_ptr():
             out.weight[token_id] = out.weight[:old].float().mean(0).to(out.weight.dtype)
+
+
+def _load_adapter_chain(lm: nn.Module, folder: Path, base_model: str, prompts: PromptTemplates, token_id: int,
+                        merge_top: bool) -> nn.Module:
+    """Apply an adapter folder (and, first, the adapters it was stacked on) to ``lm``.
+
+    Every adapter below the top one is merged into the weights, in the order they were trained. The top
+    one stays a (frozen) peft adapter unless ``merge_top``. A row-only adapter (no LoRA) writes its
+    embed-token row into the embedding matrix, which is a merge already."""
+    meta = _read_meta(str(folder))
+    _check_adapter(meta, str(folder), base_model, prompts)
+    if meta.get("stacked_on"):
+        lm = _load_adapter_chain(lm, folder / meta["stacked_on"], base_model, prompts, token_id, merge_top=True)
+    if meta.get("lora") is None:
+        row = torch.load(folder / TOKEN_ROW_FILE, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            lm.get_input_embeddings().weight[token_id] = row.to(lm.dtype)
+        return lm
+    from peft import PeftModel
+
+    lm = PeftModel.from_pretrained(lm, str(folder), is_trainable=False)
+    return lm.merge_and_unload() if merge_top else lm
+
+
+def _copy_folder(source: Path, target: Path) -> None:
+    """Replace ``target`` by a copy of ``source`` through a temporary sibling, so a crash mid-copy
+    never leaves a half-written base adapter behind."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
 
 
 def _folder_digest(folder: str | None) -> str:

@@ -77,9 +77,10 @@ def test_empty_input_gives_empty_matrix(tiny_lm: EmbeddingLM) -> None:
 
 def test_close_response_cuts_at_token_or_appends_it() -> None:
     emb, eos, pad = 99, 2, 0
-    assert close_response([5, 6, emb, 7], emb, {eos, pad}, [8, emb]) == ([5, 6, emb], False)
-    assert close_response([5, 6, eos, pad], emb, {eos, pad}, [8, emb]) == ([5, 6, 8, emb], True)
-    assert close_response([5, 6, 7], emb, {eos, pad}, [8, emb]) == ([5, 6, 7, 8, emb], True)  # hit the cap
+    assert close_response([5, 6, emb, 7], emb, {eos, pad}, [8, emb]) == ([5, 6, emb], False, None)
+    # The stop token the model sampled is returned: RL scores it as the action that failed the format.
+    assert close_response([5, 6, eos, pad], emb, {eos, pad}, [8, emb]) == ([5, 6, 8, emb], True, eos)
+    assert close_response([5, 6, 7], emb, {eos, pad}, [8, emb]) == ([5, 6, 7, 8, emb], True, None)  # hit the cap
 
 
 def test_reasoning_mode_flags_and_counts_missing_tokens(tiny_lm: EmbeddingLM) -> None:

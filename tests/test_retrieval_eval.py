@@ -90,3 +90,21 @@ def test_two_process_ddp_gives_the_single_process_numbers(tiny_lm_dir: Path, min
         results[name] = json.loads(next((tmp_path / name).rglob("metrics.json")).read_text())
     for key in ("nDCG@10", "R@100", "RR@10"):
         assert results["ddp"][0][key] == pytest.approx(results["single"][0][key], abs=1e-4)
+
+
+def test_a_reasoning_row_states_how_much_reasoning_there_was(tiny_lm_dir: Path, mini_scifact: Path,
+                                                            tmp_path: Path) -> None:
+    """The greedy analysis lengths of exactly the test queries, and the rendered row shows them."""
+    from search_r3.evaluation.results_record import render_markdown
+
+    module, _ = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, max_reasoning_tokens=4)
+    direct, reasoning = module.rows
+    assert direct.reasoning is None
+    stats = reasoning.reasoning
+    lengths = module.retrievers[0].encoder.reasoning_lengths
+    assert len(lengths) == reasoning.num_queries == 8 and all(0 <= n <= 4 for n in lengths)
+    assert stats["reasoning_tokens_mean"] == pytest.approx(sum(lengths) / 8, abs=0.01)
+    assert stats["empty_reasoning_rate"] == pytest.approx(sum(n == 0 for n in lengths) / 8)
+    record = reasoning.record()
+    assert record["reasoning_tokens_mean"] == stats["reasoning_tokens_mean"]
+    assert f"reasoning ({stats['reasoning_tokens_mean']:.1f} tokens" in render_markdown([record])

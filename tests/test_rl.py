@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +12,7 @@ import torch
 from search_r3.datamodules.rl_queries import RLQueryDataModule
 from search_r3.environment import RefreshPolicy
 from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
-from search_r3.lightning_modules.losses import clipped_policy_loss, group_advantages, multi_positive_info_nce
+from search_r3.lightning_modules.losses import grpo_policy_loss, group_advantages, informative_groups, multi_positive_info_nce
 from search_r3.lightning_modules.rl import RLModule
 
 
@@ -33,30 +34,38 @@ def _trainer(tmp_path: Path, **kw) -> L.Trainer:
                      default_root_dir=str(tmp_path), num_sanity_val_steps=0, enable_checkpointing=False, **kw)
 
 
-def test_equal_rewards_in_a_group_give_no_policy_gradient() -> None:
-    rewards = torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, 0.0, 0.0, 0.0])
-    adv = group_advantages(rewards, 4)
-    assert torch.equal(adv[:4], torch.zeros(4)) and adv[4] > 0 > adv[5]
+def test_policy_loss_normalisations_by_hand() -> None:
+    """Two groups of two: rewards [1, 0] (informative) and [0.5, 0.5] (all equal). Unscaled advantages
+    [0.5, -0.5, 0, 0]; rollouts of 2, 1, 3 and 3 policy tokens; the ratio is 1, so the gradient on a
+    token is -A / (its normaliser) and the value is the normalised sum of -A over tokens."""
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    adv = group_advantages(rewards, 2, scale=False)
+    assert adv.tolist() == [0.5, -0.5, 0.0, 0.0]
+    informative = informative_groups(rewards, 2)
+    assert informative.tolist() == [True, True, False, False]
+    mask = torch.tensor([[True, True, False], [True, False, False], [True, True, True], [True, True, True]])
+    # The all-equal group leaves the mean: 2 rollouts and 3 tokens count, not 4 and 9.
+    expected = {
+        "sequence": (0.0, [-0.5 / (2 * 2), 0.5 / (1 * 2)]),                 # mean over rollouts of token means
+        "token": ((-1.0 + 0.5) / 3, [-0.5 / 3, 0.5 / 3]),                   # over the 3 tokens
+        "constant": ((-1.0 / 4 + 0.5 / 4) / 2, [-0.5 / (4 * 2), 0.5 / (4 * 2)]),  # token sums / cap 4, mean
+    }
+    for norm, (value, (g0, g1)) in expected.items():
+        logp = torch.randn(4, 3).masked_fill(~mask, 0.0).requires_grad_()
+        loss = grpo_policy_loss(logp, adv, mask, informative, norm, max_tokens=4)
+        loss.backward()
+        assert float(loss) == pytest.approx(value), norm
+        want = torch.tensor([[g0, g0, 0.0], [g1, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+        torch.testing.assert_close(logp.grad, want, msg=norm)
+
+
+def test_all_equal_groups_give_no_policy_gradient() -> None:
+    rewards = torch.tensor([0.5, 0.5, 0.5, 0.5])
     logp = torch.randn(4, 6, requires_grad=True)
-    mask = torch.ones(4, 6, dtype=torch.bool)
-    loss = clipped_policy_loss(logp, logp.detach(), adv[:4], mask)
+    loss = grpo_policy_loss(logp, group_advantages(rewards, 4), torch.ones(4, 6, dtype=torch.bool),
+                            informative_groups(rewards, 4))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros_like(logp))
-
-
-def test_policy_loss_ignores_masked_prompt_tokens_and_clips() -> None:
-    logp = torch.randn(2, 5, requires_grad=True)
-    mask = torch.tensor([[False, False, True, True, False], [False, True, True, True, True]])
-    loss = clipped_policy_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), mask)
-    loss.backward()
-    assert torch.equal(logp.grad[~mask], torch.zeros(int((~mask).sum())))
-    assert (logp.grad[mask] != 0).all()
-    # On-policy the ratio is 1: the loss is minus the mean advantage over trajectories.
-    assert float(loss) == pytest.approx(0.0)
-    # Far outside the clip range the gradient vanishes for a positive advantage (PPO's pessimism).
-    moved = (torch.zeros(1, 2) + 1.0).requires_grad_()
-    clipped_policy_loss(moved, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool)).backward()
-    assert torch.equal(moved.grad, torch.zeros(1, 2))
 
 
 def test_multi_positive_info_nce_by_hand() -> None:
@@ -85,13 +94,13 @@ def test_one_update_is_finite_and_reaches_lora_and_the_token_row(tiny_lm_dir: Pa
     r = module.rollout(batch["query"])
     prompts = module.encoder.reasoning_prompt_ids([q for q in batch["query"] for _ in range(4)])
     for i, p in enumerate(prompts):
-        assert not r["sampled"][i, : len(p)].any(), "a prompt token is in the policy mask"
-        assert r["sampled"][i].any()
+        assert not r["policy"][i, : len(p)].any(), "a prompt token is in the policy mask"
+        assert r["policy"][i].any()
     emb, logp, logits = module._forward(r)
     positives = [env.positions(p) for p in batch["positives"] for _ in range(4)]
-    rewards = env.reward(emb.detach(), positives, valid=~r["missing"])
-    adv = group_advantages(torch.linspace(0, 1, len(rewards)), 4)  # non-zero advantages, so every term acts
-    terms = module.losses(r, emb, logp, logp.detach(), logits, adv, positives)
+    rewards = torch.linspace(0, 1, len(positives))  # distinct rewards, non-zero advantages: every term acts
+    adv = group_advantages(rewards, 4)
+    terms = module.losses(r, emb, logp, logits, adv, positives, rewards)
     total = terms["policy"] + terms["kl"] + terms["embed"]
     assert all(torch.isfinite(v) for v in terms.values()) and float(terms["kl"]) == pytest.approx(0.0, abs=1e-5)
     total.backward()
@@ -115,18 +124,21 @@ def test_format_rule_constant_failure_reward_or_penalised_retrieval(tiny_lm_dir:
     emb = env.vectors[[p[0] for p in positives]] + 0.3 * torch.randn(len(positives), env.vectors.shape[1])
     emb = torch.nn.functional.normalize(emb, dim=-1)
     missing = torch.tensor([True, False] * (len(positives) // 2))
+    r = {"format_failed": missing}
     retrieval = env.reward(emb, positives)
-    constant = module.rollout_rewards(emb, positives, missing)
+    constant = module.rollout_rewards(r, emb, positives)
     assert torch.equal(constant[missing], torch.full((int(missing.sum()),), -0.5))
     torch.testing.assert_close(constant[~missing], retrieval[~missing])
     module.format_penalty = 0.1
-    penalised = module.rollout_rewards(emb, positives, missing)
+    penalised = module.rollout_rewards(r, emb, positives)
     torch.testing.assert_close(penalised, retrieval - 0.1 * missing.float())
 
 
-def test_mean_reward_rises_on_a_toy_task(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path) -> None:
-    """Four fixed queries, each step the same batch: the embedding term and the policy gradient must
-    raise the reward of their rollouts within a few steps (a learnable signal with a tiny model)."""
+def test_the_embedding_term_raises_the_retrieval_reward(tiny_lm_dir: Path, mini_train_root: Path,
+                                                        tmp_path: Path) -> None:
+    """Four fixed queries, each step the same batch: with the embedding InfoNCE term on (and KL off) the
+    retrieval reward of the rollouts rises within a few steps. The policy gradient is on too, but this
+    term alone can explain the rise; the policy gradient's own proof is the sampled-token test below."""
     module = _module(tiny_lm_dir, tmp_path, embed_weight=1.0, kl_weight=0.0)
     rewards: list[float] = []
 
@@ -143,13 +155,20 @@ def test_mean_reward_rises_on_a_toy_task(tiny_lm_dir: Path, mini_train_root: Pat
 
 def test_validation_scores_both_modes_and_writes_reasoning_samples(tiny_lm_dir: Path, mini_train_root: Path,
                                                                     tmp_path: Path) -> None:
-    module = _module(tiny_lm_dir, tmp_path, probe_every=1)
+    module = _module(tiny_lm_dir, tmp_path, probe_every=1, samples_every=1)
     trainer = _trainer(tmp_path, max_steps=1, val_check_interval=1)
     trainer.fit(module, datamodule=_data(mini_train_root))
     metrics = trainer.callback_metrics
     for key in ("val/reasoning/nDCG_at_10", "val/direct/nDCG_at_10", "val/nDCG_at_10", "env/probe_top_overlap",
-                "env/reencoded_fraction", "train/zero_advantage_groups", "train/format_failure_rate"):
+                "env/reencoded_fraction", "train/reasoning_tokens_p50", "train/reasoning_tokens_p90"):
         assert key in metrics, key
+    # What the paper reports of RL and what shows a run going wrong, per step and per epoch.
+    for key in ("reward_ge_0.5", "format_failure_rate", "zero_variance_groups", "kl", "entropy",
+                "reasoning_tokens", "empty_reasoning_rate"):
+        assert f"train/{key}_step" in metrics and f"train/{key}_epoch" in metrics, key
+    assert float(metrics["train/entropy_step"]) > 0
+    table = json.loads((tmp_path / "rollouts" / "step_000001.json").read_text())
+    assert set(table) == {"step", "query", "reasoning", "reward"} and len(table["query"]) == 8
     assert float(metrics["val/nDCG_at_10"]) == float(metrics["val/reasoning/nDCG_at_10"])
     samples = list((tmp_path / "reasoning").glob("step_*.txt"))
     assert samples and "greedy reasoning" in samples[0].read_text()
@@ -234,3 +253,135 @@ def test_a_saved_stage1_adapter_keeps_training_in_stage2(tiny_lm_dir: Path, tmp_
     assert any("lora_A" in n for n in trainable) and any("trainable_tokens" in n for n in trainable)
     torch.testing.assert_close(loaded.encode(["vitamin D"]), stage1.encode(["vitamin D"]), atol=1e-6, rtol=0)
     RLModule(loaded, group_size=2)  # accepted as a trainable encoder
+
+
+def _trained_stage1(tiny_lm_dir: Path, folder: Path) -> EmbeddingLM:
+    """A Stage-1 model whose LoRA (B included) and token row are far from their initial values, saved."""
+    torch.manual_seed(1)
+    stage1 = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=8,
+                         lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=32, max_query_tokens=24)
+    with torch.no_grad():
+        for p in stage1.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    stage1.save(folder)
+    return stage1
+
+
+def test_stage2_starts_from_stage1_and_is_anchored_to_it(tiny_lm_dir: Path, mini_train_root: Path,
+                                                         tmp_path: Path) -> None:
+    """GRPO's reference is the policy RL starts from: with a trained Stage-1 adapter the KL at step 0 is
+    exactly 0 and the embeddings are Stage 1's. (Continuing the Stage-1 adapter with the base model as
+    the reference, as before, gives a KL of several nats here.)"""
+    stage1 = _trained_stage1(tiny_lm_dir, tmp_path / "sft")
+    encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=8,
+                          adapter=str(tmp_path / "sft"), lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+                          max_document_tokens=32, max_query_tokens=24)
+    module = RLModule(encoder, group_size=4, adapter_dir=str(tmp_path / "adapter"), kl_weight=1.0,
+                      refresh=RefreshPolicy(top_l=5))
+    texts = ["vitamin D deficiency in the elderly", "who wrote hamlet"]
+    # Stage 1 merged into the weights against Stage 1 as an adapter: equal up to fp32 rounding.
+    torch.testing.assert_close(encoder.encode(texts, "document"), stage1.encode(texts, "document"), atol=1e-5, rtol=0)
+    data = _data(mini_train_root)
+    data.setup("fit")
+    env = module.build_environment(data.corpus_texts, data.corpus_ids)
+    batch = next(iter(data.train_dataloader()))
+    r = module.rollout(batch["query"])
+    emb, logp, logits = module._forward(r)
+    positives = [env.positions(p) for p in batch["positives"] for _ in range(4)]
+    rewards = torch.linspace(0, 1, len(positives))
+    terms = module.losses(r, emb, logp, logits, group_advantages(rewards, 4), positives, rewards)
+    assert float(terms["kl"]) == 0.0
+    # The RL adapter loads for `search-r3 test` on its own, Stage 1 inside it, and embeds as the policy.
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    encoder.save(tmp_path / "rl")
+    assert (tmp_path / "rl" / "base_adapter" / "search_r3.json").is_file()
+    tested = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
+                         adapter=str(tmp_path / "rl"), max_document_tokens=32)
+    torch.testing.assert_close(tested.encode(texts, "document"), encoder.encode(texts, "document"), atol=1e-5, rtol=0)
+    # Its digest identifies both stages: another Stage 1 under the same RL weights is another checkpoint.
+    digest = tested.adapter_digest
+    (tmp_path / "rl" / "base_adapter" / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "sft" / "adapter_model.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    from search_r3.model.embedding_lm import _folder_digest
+
+    assert _folder_digest(str(tmp_path / "rl")) != digest
+
+
+def test_rollout_scores_the_sampled_stop_token_at_the_sampling_temperature(tiny_lm_dir: Path, tmp_path: Path) -> None:
+    """A trajectory that ends its turn without the embed token keeps the stop token it sampled in the
+    policy mask (that action failed the format), the appended fix-up text gets no gradient, and every
+    log-prob is taken under the tempered distribution that was sampled."""
+    from search_r3.model.embedding_lm import Generated
+
+    module = _module(tiny_lm_dir, tmp_path, temperature=0.7)
+    enc = module.encoder
+    tok = enc.tokenizer
+    close = tok(enc.prompts.reasoning_close, add_special_tokens=False)["input_ids"]
+    words = tok("vitamin deficiency", add_special_tokens=False)["input_ids"]
+    prompts = enc.reasoning_prompt_ids(["vitamin D"] * 4)
+    eos = tok.eos_token_id
+    responses = [words + [enc.embed_token_id], words + close, words[:1] + close, [enc.embed_token_id]]
+    gen = Generated(prompts, responses, [False, True, True, False], [None, eos, None, None],
+                    [len(words), len(words), 1, 0])
+    module.encoder.generate_reasoning = lambda *a, **k: gen  # the layout under test, not the sampler
+    r = module.rollout(["vitamin D"])
+    p = len(prompts[0])
+    n = len(words)
+    assert r["policy"][0, p: p + n + 1].all() and r["policy"][0].sum() == n + 1  # analysis + embed token
+    assert r["policy"][1, p: p + n + 1].all() and r["policy"][1].sum() == n + 1  # analysis + sampled stop
+    assert int(r["targets"][1, p + n]) == eos and int(r["input_ids"][1, p + n]) == close[0]
+    assert r["policy"][2].sum() == 1 and bool(r["capped"][2])  # capped: nothing sampled after the analysis
+    assert r["analysis_tokens"].tolist() == [n, n, 1, 0]
+    emb, logp, _ = module._forward(r)
+    with torch.no_grad():
+        hidden = enc.decoder(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).last_hidden_state
+        raw = enc.lm.get_output_embeddings()(hidden[1, p + n - 1])
+    want = torch.log_softmax(raw.float() / 0.7, -1)[eos]
+    torch.testing.assert_close(logp[1, p + n], want)
+
+
+class _SampledTokenReward(RLModule):
+    """Reward = the share of a rollout's policy tokens that fall in a fixed half of the vocabulary.
+
+    It depends on nothing but what the policy samples: not on the embedding, the environment or the
+    documents. With the embedding term and the KL off, the only thing that can raise it is the policy
+    gradient moving probability towards the tokens of better-than-average rollouts."""
+
+    def rollout_rewards(self, r: dict, emb: torch.Tensor, positives: list[list[int]]) -> torch.Tensor:
+        rewarded = (r["targets"] % 2 == 0) & r["policy"]
+        return rewarded.sum(1).float() / r["policy"].sum(1).clamp(min=1)
+
+
+def _sampled_token_reward_curve(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path, steps: int) -> list[float]:
+    torch.manual_seed(0)
+    encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=8,
+                          lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=32, max_query_tokens=24)
+    module = _SampledTokenReward(encoder, group_size=4, adapter_dir=str(tmp_path / "adapter"), lr=1e-2,
+                                 embed_weight=0.0, kl_weight=0.0, refresh=RefreshPolicy(top_l=5), samples_every=0)
+    rewards: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            rewards.append(float(trainer.callback_metrics["train/reward_mean"]))
+
+    data = _data(mini_train_root, max_queries=4, batch_size=4)  # the same 4 queries every step
+    _trainer(tmp_path, max_steps=steps, limit_val_batches=0, callbacks=[Record()]).fit(module, datamodule=data)
+    return rewards
+
+
+def test_the_policy_gradient_alone_raises_a_reward_on_sampled_tokens(tiny_lm_dir: Path, mini_train_root: Path,
+                                                                     tmp_path: Path, monkeypatch) -> None:
+    rewards = _sampled_token_reward_curve(tiny_lm_dir, mini_train_root, tmp_path / "up", steps=24)
+    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
+    assert last > first + 0.15, rewards
+    # Mutation check: the same run with the advantages' sign flipped must learn the other way.
+    import search_r3.lightning_modules.rl as rl
+
+    flipped = rl.group_advantages
+    monkeypatch.setattr(rl, "group_advantages", lambda *a, **k: -flipped(*a, **k))
+    wrong = _sampled_token_reward_curve(tiny_lm_dir, mini_train_root, tmp_path / "down", steps=24)
+    assert sum(wrong[-6:]) / 6 < sum(wrong[:6]) / 6 - 0.15, wrong
