@@ -42,6 +42,20 @@ class RowDataset(Dataset):
                 "negatives": [self.texts[n] for n in negs], "doc_ids": [r.pos_id, *negs]}
 
 
+def known_positive_mask(query_ids: list[str], doc_ids: list[str], positive_index: list[int],
+                        relevant: dict[str, set[str]]) -> Tensor:
+    """``[queries, documents]`` bool: True where a document is judged relevant to a query (``relevant``)
+    but is not that query's own positive (``positive_index``), so InfoNCE drops it from the query's
+    denominator instead of pushing it away. One function for the local batch (the collator) and for the
+    global batch of every rank (Stage 1 under DDP)."""
+    exclude = torch.zeros((len(query_ids), len(doc_ids)), dtype=torch.bool)
+    for i, (qid, own) in enumerate(zip(query_ids, positive_index)):
+        known = relevant.get(qid, set())
+        for j, doc_id in enumerate(doc_ids):
+            exclude[i, j] = j != own and doc_id in known
+    return exclude
+
+
 class ContrastiveCollator:
     """Tokenises a batch through the attached encoder: queries and documents with the full assistant
     turn (for the LM loss) and the masks of the response tokens.
@@ -75,14 +89,12 @@ class ContrastiveCollator:
         k = min(len(it["negatives"]) for it in items)
         docs = [it["positive"] for it in items] + [n for it in items for n in it["negatives"][:k]]
         doc_ids = [it["doc_ids"][0] for it in items] + [n for it in items for n in it["doc_ids"][1 : 1 + k]]
-        exclude = torch.zeros((len(items), len(doc_ids)), dtype=torch.bool)
-        if self.relevant is not None:
-            for i, it in enumerate(items):
-                known = self.relevant.get(it["query_id"], set())
-                for j, doc_id in enumerate(doc_ids):
-                    exclude[i, j] = j != i and doc_id in known
-        return {"queries": self._side([it["query"] for it in items], "query"),
-                "documents": self._side(docs, "document"), "num_negatives": k, "exclude": exclude}
+        query_ids = [it["query_id"] for it in items]
+        out = {"queries": self._side([it["query"] for it in items], "query"),
+               "documents": self._side(docs, "document"), "num_negatives": k,
+               "query_ids": query_ids, "doc_ids": doc_ids}
+        out["exclude"] = known_positive_mask(query_ids, doc_ids, list(range(len(items))), self.relevant or {})
+        return out
 
 
 class ContrastiveDataModule(L.LightningDataModule):

@@ -68,11 +68,15 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
     with the batch being built waits for a later batch; every row is yielded exactly once per epoch.
     ``set_epoch`` (called by Lightning) reshuffles deterministically from ``seed``.
 
-    Distributed training: every rank packs the same epoch (same seed) and takes every
-    ``num_replicas``-th batch from its ``rank`` on, the tail cut so all ranks run the same number of
-    steps. ``num_replicas``/``rank`` default to ``torch.distributed``'s when it is initialised. Lightning
-    must not inject its own sampler (``trainer.use_distributed_sampler: false``): it cannot know what
-    a clash is.
+    Distributed training: ``batch_size`` is per rank. Every rank packs the same epoch (same seed) into
+    *global* batches of ``batch_size × num_replicas`` rows and takes its contiguous share of each
+    (rank r: the r-th slice). So the global batch has no duplicate across ranks either (with
+    cross-device negatives, a document on two ranks would be its own negative), and N processes with
+    batch B see exactly the rows that one process with batch N·B sees, in the same steps. A global batch
+    at an epoch's tail with fewer rows than ranks is dropped (a rank would get none); shorter ones split
+    as evenly as they can. ``num_replicas``/``rank`` default to ``torch.distributed``'s when it is
+    initialised. Lightning must not inject its own sampler (``trainer.use_distributed_sampler: false``):
+    it cannot know what a clash is.
     """
 
     def __init__(self, keys: Sequence[set[str]], batch_size: int, seed: int = 0, shuffle: bool = True,
@@ -126,10 +130,17 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         world, rank = self._replicas()
         if world == 1:
             return batches
-        return batches[rank::world][: len(batches) // world]
+        shares = []
+        for batch in batches:
+            if len(batch) < world:
+                continue
+            bounds = [len(batch) * r // world for r in range(world + 1)]
+            shares.append(batch[bounds[rank] : bounds[rank + 1]])
+        return shares
 
     def _batches(self, epoch: int) -> list[list[int]]:
         """The epoch's batches, computed whole: ``__len__`` needs the same greedy packing to be exact."""
+        size = self.batch_size * self._replicas()[0]  # a global batch
         order = list(range(len(self.keys)))
         if self.shuffle:
             random.Random(self.seed + epoch).shuffle(order)
@@ -140,7 +151,7 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
             used: set[str] = set()
             waiting: list[int] = []
             for pos, i in enumerate(pending):
-                if len(batch) == self.batch_size:
+                if len(batch) == size:
                     waiting.extend(pending[pos:])
                     break
                 if self.keys[i] & used:
@@ -149,7 +160,7 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
                 batch.append(i)
                 used |= self.keys[i]
             pending = waiting
-            if len(batch) < self.batch_size and self.drop_last:
+            if len(batch) < size and self.drop_last:
                 break
             batches.append(batch)
         return batches

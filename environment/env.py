@@ -7,6 +7,9 @@ the union of the rollouts' retrieved top-L and the labelled positives, minus doc
 encoded at the current model version, optionally plus their nearest neighbours, with an optional full
 refresh every N steps or when the drift measured on the refreshed documents passes a threshold.
 Each document keeps the version (training step) it was encoded at.
+
+Under DDP there is one environment, replicated: the documents any rank's rollouts touched are re-encoded
+once, split across ranks, and every rank ends each step with identical vectors and versions.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from search_r3.environment.index import ExactIndex, VectorIndex
 from search_r3.environment.rewards import RewardKind, dcg_reward
+from search_r3.evaluation.distributed import encode_sharded, union_over_ranks
 from search_r3.evaluation.search import exact_topk
 
 Encoder = Callable[[list[str]], Tensor]  # texts -> unit-norm embeddings (direct mode, no grad)
@@ -202,14 +206,14 @@ class RetrievalEnvironment:
         touched = [top.flatten()]
         if self.policy.include_positives:
             touched += [torch.as_tensor(list(p), dtype=torch.long) for p in positives if len(p)]
-        idx = torch.cat(touched).unique()
+        idx = union_over_ranks(torch.cat(touched))  # under DDP: what any rank's rollouts touched
         if self.policy.neighbours:
             _, near = self.index.search(self.vectors[idx], self.policy.neighbours + 1)
             idx = torch.cat([idx, near.flatten()]).unique()
         n, seconds, drift_sum = self._reencode(idx)
         for _ in range(self.policy.settle_rounds):
             _, top = self.index.search(queries, self.policy.top_l)
-            dn, ds, dd = self._reencode(top.flatten().unique())
+            dn, ds, dd = self._reencode(union_over_ranks(top.flatten()))
             n, seconds, drift_sum = n + dn, seconds + ds, drift_sum + dd
             if not dn:
                 break
@@ -300,7 +304,10 @@ class RetrievalEnvironment:
 
     # ------------------------------------------------------------------ internals
     def _encode(self, positions: Sequence[int] | range) -> Tensor:
-        return self.encoder([self.texts[i] for i in positions]).detach().float().cpu()
+        """Under DDP every rank asks for the same positions (unions, whole corpus); each encodes a share
+        and all end with the same vectors (:func:`encode_sharded`)."""
+        return encode_sharded(list(positions),
+                              lambda share: self.encoder([self.texts[i] for i in share]).detach().float().cpu())
 
     def _reencode(self, idx: Tensor) -> tuple[int, float, float]:
         """Re-encode the stale ones among ``idx``; returns (count, seconds, summed cosine drift)."""

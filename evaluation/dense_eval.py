@@ -52,6 +52,15 @@ def gather_rows(indices: Tensor, embeddings: Tensor, all_gather) -> tuple[Tensor
     return idx[keep], emb[keep]
 
 
+def collect_rows(store: EmbeddingStore, key: tuple, expected: int, what: str, world_size: int = 1,
+                 all_gather=None, device: torch.device | None = None) -> Tensor:
+    """The rows stored under ``key`` by every rank (a sharded corpus), merged and ordered by index."""
+    idx, emb = store.stacked(key)
+    if world_size > 1:
+        idx, emb = gather_rows(idx.to(device), emb.to(device), all_gather)
+    return ordered(idx, emb, expected, what)
+
+
 def ordered(indices: Tensor, embeddings: Tensor, expected: int, what: str) -> Tensor:
     """Rows sorted by index, checked to cover ``0..expected-1`` exactly once."""
     uniq, first = _unique_first(indices)

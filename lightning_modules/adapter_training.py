@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from search_r3.evaluation.dense_eval import EmbeddingStore, ordered, score_task
+from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, score_task
 from search_r3.model.embedding_lm import EmbeddingLM, Mode
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ class AdapterTrainingModule(L.LightningModule):
         self._saved_rng: dict[str, Any] | None = None
         self.encoder.train()  # from_pretrained leaves the model in eval mode: LoRA dropout would be off
 
+    def setup(self, stage: str) -> None:
+        refuse_sharded_strategy(self.trainer.strategy)
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -82,8 +85,14 @@ class AdapterTrainingModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule)}
 
     def optimizer_step_now(self) -> None:
-        """Clip, step and advance the schedule after the stage's own ``manual_backward`` calls."""
+        """Clip, step and advance the schedule after the stage's own ``manual_backward`` calls.
+
+        Logs the gradient norm before clipping (``train/grad_norm``): AdamW and clipping both hide a
+        wrongly scaled gradient, this number does not (the DDP equivalence test compares it)."""
         opt, sched = self.optimizers(), self.lr_schedulers()
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", float(torch.nn.utils.get_total_norm(grads)))
         if self.gradient_clip:
             self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
         opt.step()
@@ -108,10 +117,12 @@ class AdapterTrainingModule(L.LightningModule):
         for mode in self.val_modes:
             scores = []
             for task in tasks:
-                docs = ordered(*self.store.stacked((task.name, "document", "direct")), task.num_docs,
-                               f"{task.name} documents")
-                queries = ordered(*self.store.stacked((task.name, "query", mode)), len(task.queries),
-                                  f"{task.name} queries")
+                # Under DDP each rank encoded its shard of the corpus: merge them first.
+                gather = (self.trainer.world_size, self.all_gather, self.device)
+                docs = collect_rows(self.store, (task.name, "document", "direct"), task.num_docs,
+                                    f"{task.name} documents", *gather)
+                queries = collect_rows(self.store, (task.name, "query", mode), len(task.queries),
+                                       f"{task.name} queries", *gather)
                 metrics, _ = score_task(task, docs, queries, top_k=100, measures=["nDCG@10"])
                 self.log(f"val/{task.name}/{mode}/nDCG_at_10", metrics["nDCG@10"], add_dataloader_idx=False)
                 if mode == self.val_modes[0]:
@@ -151,6 +162,22 @@ class AdapterTrainingModule(L.LightningModule):
         if self._saved_rng is not None:
             set_rng_states(self._saved_rng)
             self._saved_rng = None
+
+
+def refuse_sharded_strategy(strategy: object) -> None:
+    """Both stages run under DDP (or one device); sharded strategies are refused before any compute.
+
+    FSDP and DeepSpeed (ZeRO-3) gather each layer's parameters collectively in every forward, so every
+    rank must run the same number of forward calls. Ours do not: reasoning rollouts sample different
+    lengths per rank (``generate`` takes one forward per new token), GradCache's chunk count follows the
+    local batch, and the reference model is the same module with the adapter switched off. A sharded run
+    would hang rather than fail. At the model sizes of the paper (1.5B) DDP fits in one GPU's memory
+    (``docs/scale-out.md``)."""
+    name = type(strategy).__name__
+    if "FSDP" in name or "DeepSpeed" in name:
+        raise ValueError(f"trainer.strategy {name}: search-r3 trains with DDP (`trainer.strategy: ddp`), not FSDP "
+                         "or DeepSpeed: reasoning generation and GradCache run different numbers of forward calls "
+                         "per rank, which hangs a sharded model (docs/scale-out.md)")
 
 
 def rng_states() -> dict[str, Any]:

@@ -65,19 +65,25 @@ def response_lm_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     return F.cross_entropy(logits[picked].float(), labels[picked])
 
 
-def token_kl(policy_logits: Tensor, reference_logits: Tensor, mask: Tensor) -> Tensor:
+def token_kl(policy_logits: Tensor, reference_logits: Tensor, mask: Tensor,
+             reduce: Callable[[float], float] | None = None) -> Tensor:
     """Mean over masked tokens of KL(p_policy ‖ p_reference), computed exactly over the vocabulary
-    (0 when no token is masked in, rather than the NaN of an empty mean)."""
+    (0 when no token is masked in, rather than the NaN of an empty mean).
+
+    ``reduce`` maps this batch's token count to the count the mean divides by (under DDP: the sum over
+    ranks, so the ranks' shares add up to the global mean); it is called on every rank, empty or not."""
     picked = mask.bool()
-    if not bool(picked.any()):
+    count = float(picked.sum())
+    total = reduce(count) if reduce is not None else count
+    if total == 0 or count == 0:
         return policy_logits.sum() * 0.0
     logp = F.log_softmax(policy_logits[picked].float(), dim=-1)
     logq = F.log_softmax(reference_logits[picked].float(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1).mean()
+    return (logp.exp() * (logp - logq)).sum(-1).sum() / total
 
 
 def multi_positive_info_nce(queries: Tensor, candidates: Tensor, relevant: Tensor, valid: Tensor, tau: float = 0.05,
-                            weights: Tensor | None = None) -> Tensor:
+                            weights: Tensor | None = None, reduce: Callable[[float], float] | None = None) -> Tensor:
     """InfoNCE against each row's own candidate set, with every relevant candidate in the numerator.
 
     Stage 2 scores each rollout embedding against the environment's candidates of *its* query (top-L
@@ -89,6 +95,8 @@ def multi_positive_info_nce(queries: Tensor, candidates: Tensor, relevant: Tenso
         candidates: ``[R, C, d]`` unit-norm document vectors (usually detached environment vectors).
         relevant / valid: ``[R, C]`` bool masks (``valid`` False marks padding).
         weights: optional ``[R]`` non-negative row weights (e.g. positive advantages); normalised to sum 1.
+        reduce: maps this batch's weight sum to the normaliser (under DDP the sum over ranks), as in
+            :func:`token_kl`.
     """
     logits = torch.einsum("rd,rcd->rc", queries, candidates.to(queries.dtype)) / tau
     logits = logits.masked_fill(~valid, float("-inf"))
@@ -96,9 +104,11 @@ def multi_positive_info_nce(queries: Tensor, candidates: Tensor, relevant: Tenso
     has_positive = (relevant & valid).any(1)
     per_row = (logits.logsumexp(1) - numerator).masked_fill(~has_positive, 0.0)
     w = has_positive.float() if weights is None else weights.float() * has_positive
-    if float(w.sum()) == 0.0:
+    local = float(w.sum())
+    total = reduce(local) if reduce is not None else local
+    if total == 0.0 or local == 0.0:
         return queries.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) intact
-    return (per_row * w).sum() / w.sum()
+    return (per_row * w).sum() / total
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> Tensor:
@@ -128,7 +138,8 @@ def informative_groups(rewards: Tensor, group_size: int) -> Tensor:
 
 
 def grpo_policy_loss(logp: Tensor, advantages: Tensor, mask: Tensor, informative: Tensor,
-                     norm: LossNorm = "sequence", max_tokens: int | None = None) -> Tensor:
+                     norm: LossNorm = "sequence", max_tokens: int | None = None,
+                     reduce: Callable[[float], float] | None = None) -> Tensor:
     """GRPO's policy term for strictly on-policy updates: ``-A · ratio`` per policy token with the
     ratio ``exp(logp - logp.detach())`` (1 in value, ``∇logp`` in gradient), averaged as ``norm`` says.
 
@@ -144,22 +155,26 @@ def grpo_policy_loss(logp: Tensor, advantages: Tensor, mask: Tensor, informative
     Args:
         logp: ``[R, T]`` log-probabilities of the policy tokens (0 elsewhere).
         advantages: ``[R]``. mask: ``[R, T]`` True on policy tokens. informative: ``[R]`` bool.
+        reduce: maps this batch's count (rollouts or tokens) to the one the mean divides by (under DDP
+            the sum over ranks), as in :func:`token_kl`.
     """
+    if norm not in ("sequence", "token", "constant"):
+        raise ValueError(f"unknown loss normalisation {norm!r}: use sequence, token or constant")
+    if norm == "constant" and not max_tokens:
+        raise ValueError("loss_norm 'constant' needs max_tokens (the length cap)")
     rows = informative.bool() & mask.any(1)
-    if not bool(rows.any()):
+    tokens = mask[rows].sum(1)
+    count = float(tokens.sum()) if norm == "token" else float(rows.sum())
+    total = reduce(count) if reduce is not None else count
+    if total == 0 or count == 0:
         return logp.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) intact
     ratio = torch.exp(logp - logp.detach())
     per_token = -(ratio * advantages[:, None].to(logp.dtype)).masked_fill(~mask, 0.0)[rows]
-    tokens = mask[rows].sum(1)
     if norm == "sequence":
-        return (per_token.sum(1) / tokens).mean()
+        return (per_token.sum(1) / tokens).sum() / total
     if norm == "token":
-        return per_token.sum() / tokens.sum()
-    if norm == "constant":
-        if not max_tokens:
-            raise ValueError("loss_norm 'constant' needs max_tokens (the length cap)")
-        return (per_token.sum(1) / max_tokens).mean()
-    raise ValueError(f"unknown loss normalisation {norm!r}: use sequence, token or constant")
+        return per_token.sum() / total
+    return (per_token.sum(1) / max_tokens).sum() / total
 
 
 class _RandomState:

@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torch import nn
 
 from search_r3.datamodules.beir import RetrievalTask
-from search_r3.evaluation.dense_eval import EmbeddingStore, gather_rows, ordered, score_run, score_task
+from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, score_run, score_task
 from search_r3.evaluation.metrics import DEFAULT_MEASURES
 from search_r3.evaluation.report import (
     ResultRow,
@@ -257,10 +257,7 @@ class RetrievalEvalModule(L.LightningModule):
         return self.embedding_cache_dir / f"{task.name}-{retriever.name}-{key}.pt"
 
     def _collect(self, key: tuple, expected: int, what: str) -> torch.Tensor:
-        idx, emb = self.store.stacked(key)
-        if self.trainer.world_size > 1:
-            idx, emb = gather_rows(idx.to(self.device), emb.to(self.device), self.all_gather)
-        return ordered(idx, emb, expected, what)
+        return collect_rows(self.store, key, expected, what, self.trainer.world_size, self.all_gather, self.device)
 
     # ------------------------------------------------------------------ outputs
     def _row(self, retriever: Retriever, mode: str | None, task: RetrievalTask, metrics: dict[str, float],

@@ -47,6 +47,7 @@ Our choices where the paper is silent (``docs/design.md``), with why:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,7 @@ from torch import Tensor
 
 from search_r3.environment import ExactIndex, HNSWIndex, RefreshPolicy, RetrievalEnvironment
 from search_r3.environment.rewards import RewardKind
+from search_r3.evaluation.distributed import sum_over_ranks, world_and_rank
 from search_r3.lightning_modules.adapter_training import AdapterTrainingModule
 from search_r3.lightning_modules.losses import (
     LossNorm,
@@ -66,9 +68,13 @@ from search_r3.lightning_modules.losses import (
     multi_positive_info_nce,
     token_kl,
 )
-from search_r3.model.embedding_lm import EmbeddingLM
+from search_r3.model.embedding_lm import EmbeddingLM, Generated
 
 log = logging.getLogger(__name__)
+
+
+def _stream_seed(seed: int, step: int, query_id: str) -> int:
+    return int(hashlib.sha256(f"{seed}|{step}|{query_id}".encode()).hexdigest()[:15], 16)
 
 
 class RLModule(AdapterTrainingModule):
@@ -92,6 +98,7 @@ class RLModule(AdapterTrainingModule):
         samples_every: steps between tables of training rollouts (query, reasoning, reward) in MLflow.
         lr / weight_decay / warmup_steps / gradient_clip / adapter_dir: see :class:`AdapterTrainingModule`.
         val_modes: query modes scored at validation (the first selects the adapter).
+        seed: base of the per-query sampling streams (see :meth:`rollout`).
     """
 
     def __init__(self, encoder: EmbeddingLM, group_size: int = 4, temperature: float = 1.0, top_p: float = 1.0,
@@ -102,7 +109,8 @@ class RLModule(AdapterTrainingModule):
                  refresh: RefreshPolicy | None = None, index: Literal["exact", "hnsw"] = "exact",
                  probe_every: int | None = None, sample_texts: int = 4, samples_every: int = 8,
                  lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0, gradient_clip: float = 1.0,
-                 adapter_dir: str = "runs/rl/adapter", val_modes: list[Literal["direct", "reasoning"]] | None = None) -> None:
+                 adapter_dir: str = "runs/rl/adapter", val_modes: list[Literal["direct", "reasoning"]] | None = None,
+                 seed: int = 0) -> None:
         super().__init__(encoder, lr, weight_decay, warmup_steps, gradient_clip, adapter_dir,
                          val_modes or ["reasoning", "direct"])
         if group_size < 2:
@@ -122,6 +130,7 @@ class RLModule(AdapterTrainingModule):
         self.env: RetrievalEnvironment | None = None
         self._saved_env: dict[str, Any] | None = None
         self.last_rollouts: list[tuple[str, str, float]] = []
+        self.seed = seed
 
     @property
     def cap(self) -> int:
@@ -166,14 +175,27 @@ class RLModule(AdapterTrainingModule):
         self._saved_env = checkpoint.get("environment")
 
     # ------------------------------------------------------------------ rollouts
-    def rollout(self, queries: list[str]) -> dict[str, Any]:
+    def rollout(self, queries: list[str], query_ids: list[str] | None = None) -> dict[str, Any]:
         """Sample G trajectories per query and lay them out for one training forward pass.
+
+        Each query's group is sampled from its own random stream, seeded by (``seed``, step, query id):
+        its rollouts then do not depend on which other queries share the batch or the rank, so a run on
+        N processes samples what one process samples for the same global batch, and a resumed run what the
+        uninterrupted one sampled. (One ``generate`` call per query, not per batch: the price of that.)
 
         ``policy`` marks the positions whose token the policy chose (``targets`` holds it: the sampled
         token, or, where a failed trajectory's fix-up text starts, the stop token it sampled there)."""
         texts = [q for q in queries for _ in range(self.group_size)]
-        gen = self.encoder.generate_reasoning(texts, max_new_tokens=self.max_new_tokens, do_sample=True,
-                                              temperature=self.temperature, top_p=self.top_p)
+        ids_of = query_ids or queries
+        parts = []
+        for qid, query in zip(ids_of, queries):
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(_stream_seed(self.seed, self.global_step, str(qid)))
+                parts.append(self.encoder.generate_reasoning([query] * self.group_size,
+                                                             max_new_tokens=self.max_new_tokens, do_sample=True,
+                                                             temperature=self.temperature, top_p=self.top_p))
+        gen = Generated(*(sum((getattr(p, f) for p in parts), []) for f in
+                          ("prompts", "responses", "missing", "stop_tokens", "analysis_tokens")))
         close = len(self.encoder.tokenizer(self.encoder.prompts.reasoning_close, add_special_tokens=False)["input_ids"])
         ids, mask = self.encoder.pad([p + r for p, r in zip(gen.prompts, gen.responses)])
         policy = torch.zeros_like(mask, dtype=torch.bool)
@@ -209,7 +231,7 @@ class RLModule(AdapterTrainingModule):
         env = self.env
         assert env is not None, "the environment is built in on_train_start"
         positives = [env.positions(p) for p in batch["positives"] for _ in range(self.group_size)]
-        r = self.rollout(batch["query"])
+        r = self.rollout(batch["query"], batch.get("query_id"))
         env.set_step(self.global_step)  # model version = optimizer steps taken
         emb, logp, logits = self._forward(r)
         stats = env.step_refresh(emb.detach(), positives)
@@ -218,8 +240,12 @@ class RLModule(AdapterTrainingModule):
         terms = self.losses(r, emb, logp, logits, advantages, positives, rewards)
         total = terms["policy"] + self.kl_weight * terms["kl"] + self.embed_weight * terms["embed"]
         self.optimizers().zero_grad()
-        self.manual_backward(total)
+        # Each term is this rank's share of the global mean (normalised by counts summed over ranks); DDP
+        # averages gradients, so the world size restores the sum: N processes compute one process's step.
+        self.manual_backward(world_and_rank()[0] * total)
         self.optimizer_step_now()
+        terms = {name: torch.tensor(sum_over_ranks(float(v.detach()), self.device)) for name, v in terms.items()}
+        total = terms["policy"] + self.kl_weight * terms["kl"] + self.embed_weight * terms["embed"]
         self._log_step(r, rewards, advantages, terms, total, stats, logits)
         self.last_rollouts = [(t, self.encoder.tokenizer.decode(resp), float(rw))
                               for t, resp, rw in zip(r["texts"], r["responses"], rewards)]
@@ -233,12 +259,14 @@ class RLModule(AdapterTrainingModule):
                positives: list[list[int]], rewards: Tensor) -> dict[str, Tensor]:
         """The three terms, unweighted (``policy``, ``kl``, ``embed``)."""
         informative = informative_groups(rewards, self.group_size)
-        terms = {"policy": grpo_policy_loss(logp, advantages, r["policy"], informative, self.loss_norm, self.cap)}
+        reduce = lambda count: sum_over_ranks(count, self.device)  # noqa: E731  (identity on one process)
+        terms = {"policy": grpo_policy_loss(logp, advantages, r["policy"], informative, self.loss_norm, self.cap,
+                                            reduce=reduce)}
         if self.kl_weight:
             with torch.no_grad(), self.encoder.eval_mode(), self.encoder.lm.disable_adapter():
                 _, ref_logits = self.encoder.embed_and_response_logits(r["input_ids"], r["attention_mask"], r["policy"])
             every = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-            terms["kl"] = token_kl(logits, ref_logits.float() / self.temperature, every)
+            terms["kl"] = token_kl(logits, ref_logits.float() / self.temperature, every, reduce=reduce)
         else:
             terms["kl"] = logits.new_zeros(())
         if self.embed_weight:
@@ -246,7 +274,7 @@ class RLModule(AdapterTrainingModule):
             docs = self.env.vectors[idx].to(emb.device)
             weights = advantages.clamp(min=0) if self.embed_advantage_weighted else None
             terms["embed"] = multi_positive_info_nce(emb, docs, relevant.to(emb.device), ok.to(emb.device), self.tau,
-                                                     weights)
+                                                     weights, reduce=reduce)
         else:
             terms["embed"] = emb.new_zeros(())
         return terms

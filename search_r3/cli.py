@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from typing import Any
 
-# Hubs are unreachable: fail fast instead of retrying downloads. Set before transformers is imported.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import lightning as L  # noqa: E402
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
-from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
+import lightning as L
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:

@@ -99,6 +99,43 @@ def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _tiny_qwen2(out: Path, tokenizer_dir: Path, padding: int, tied: bool) -> Path:
+    """A 2-layer random Qwen2 with the tiny tokenizer, its vocabulary padded by ``padding`` rows (as
+    Qwen2.5 pads 151,665 tokens to 151,936 rows) and tied or untied output embeddings."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    for f in tokenizer_dir.iterdir():
+        if "token" in f.name or f.name.endswith(".jinja"):
+            shutil.copy(f, out / f.name)
+    tok = AutoTokenizer.from_pretrained(out)
+    torch.manual_seed(1)
+    config = Qwen2Config(
+        vocab_size=len(tok) + padding, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=tied,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # padding rows hold values far from the vocabulary's, as a checkpoint's may
+        model.get_input_embeddings().weight[len(tok):] = 5.0
+        if not tied:
+            model.get_output_embeddings().weight[len(tok):] = -5.0
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_padded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_lm_dir: Path) -> Path:
+    return _tiny_qwen2(tmp_path_factory.mktemp("qwen2_padded"), tiny_lm_dir, padding=16, tied=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_tied_dir(tmp_path_factory: pytest.TempPathFactory, tiny_lm_dir: Path) -> Path:
+    return _tiny_qwen2(tmp_path_factory.mktemp("qwen2_tied"), tiny_lm_dir, padding=0, tied=True)
+
+
 @pytest.fixture()
 def tiny_lm(tiny_lm_dir: Path, tmp_path: Path):
     from search_r3.model.embedding_lm import EmbeddingLM

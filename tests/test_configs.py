@@ -37,6 +37,11 @@ RECIPES: list[tuple[str, list[str]]] = [
     ("fit", ["configs/sft-gpu.yaml", "configs/ablations/sft-gpu-mixed.yaml"]),
     ("fit", ["configs/sft-gpu.yaml", "configs/sft-gpu-nfcorpus.yaml"]),
     ("fit", ["configs/rl.yaml"]),
+    ("fit", ["configs/rl.yaml", "configs/rl-claim.yaml"]),
+    ("fit", ["configs/rl.yaml", "configs/rl-claim.yaml", "configs/ablations/rl-pure-grpo.yaml"]),
+    ("fit", ["configs/rl.yaml", "configs/rl-claim.yaml", "configs/ablations/rl-min-reasoning.yaml"]),
+    ("fit", ["configs/paper/qwen2.5-1.5b-sft.yaml"]),
+    ("fit", ["configs/paper/qwen2.5-1.5b-rl.yaml"]),
 ]
 
 

@@ -241,3 +241,21 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_runs_it_natively() -> None:
     else:  # oneDNN's own check: AVX512-BF16 or AMX; without them bf16 GEMMs take a ~50x slower path
         native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert resolve_dtype("auto") is (torch.bfloat16 if native else torch.float32)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_lm_dir) -> None:
+    """The memory switch for paper-scale training changes what is stored, not what is computed."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
+                            lora=LoraSettings(r=4, alpha=8, dropout=0.0), gradient_checkpointing=checkpointing)
+        model.train()
+        base = model.lm.get_base_model()
+        flag = getattr(base, "is_activation_checkpointing", None)
+        assert (flag if flag is not None else base.is_gradient_checkpointing) == checkpointing
+        model.embed(["vitamin D deficiency", "who wrote hamlet"]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)

@@ -177,3 +177,16 @@ def test_known_positives_of_other_rows_are_masked_on_real_nfcorpus(tiny_lm, data
     dm_off.setup("fit")
     dm_off.collator.encoder = tiny_lm
     assert not dm_off.collator([dm_off.train_dataloader().dataset[i] for i in range(4)])["exclude"].any()
+
+
+def test_sharded_strategies_are_refused_before_any_compute() -> None:
+    """FSDP would hang on our per-rank forward counts; both stages call this check in `setup`, before
+    anything is encoded or trained. (On a CPU Lightning itself refuses FSDP before `setup`, so the check
+    is exercised on the strategy objects here.)"""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from search_r3.lightning_modules.adapter_training import refuse_sharded_strategy
+
+    with pytest.raises(ValueError, match=r"trains with DDP \(`trainer.strategy: ddp`\), not FSDP"):
+        refuse_sharded_strategy(FSDPStrategy())
+    refuse_sharded_strategy(DDPStrategy())  # accepted
