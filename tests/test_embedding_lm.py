@@ -259,3 +259,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_lm_dir) -> None:
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)
+
+
+def test_an_evaluation_adapter_is_merged_and_embeds_as_the_unmerged_one(tiny_lm_dir, tmp_path) -> None:
+    """Merged inference (no LoRA layers left, so encoding costs what the bare model costs) gives the
+    unmerged adapter's embeddings up to fp32 rounding, in both modes' readout."""
+    torch.manual_seed(0)
+    trained = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
+                          lora=LoraSettings(r=4, alpha=8, dropout=0.0,
+                                            target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    trained.save(tmp_path / "a")
+    merged = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, adapter=str(tmp_path / "a"))
+    unmerged = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
+                           adapter=str(tmp_path / "a"), merge_adapter=False)
+    assert not merged.is_peft and unmerged.is_peft
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    texts = ["vitamin D deficiency in the elderly", "who wrote hamlet", "a"]
+    for side in ("query", "document"):
+        torch.testing.assert_close(merged.encode(texts, side), unmerged.encode(texts, side), atol=1e-5, rtol=0)
+    assert merged.fingerprint() != unmerged.fingerprint()  # cached corpora of one are not served to the other
+    with pytest.raises(ValueError, match="merge_adapter: false"):
+        merged.save(tmp_path / "b")
