@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 from search_r3.datamodules.beir import RetrievalTask
 from search_r3.datamodules.beir_files import iter_corpus
+from search_r3.evaluation.distributed import world_and_rank
 from search_r3.model.embedding_lm import EmbeddingLM, Mode
 
 log = logging.getLogger(__name__)
@@ -194,30 +197,52 @@ class BM25Retriever(Retriever):
         return f"bm25|k1={self.k1}|b={self.b}"
 
     def index_for(self, task: RetrievalTask) -> Path:
+        """The task's Lucene index, built once: by one process (rank 0 under DDP, the others wait at a
+        barrier), into a temporary folder renamed into place, so concurrent runs never see half an index
+        and never delete each other's."""
+        target = self.index_dir / f"{task.name}-{corpus_digest(task)}"
+        world, rank = world_and_rank()
+        built = (target / "index").is_dir() and any((target / "index").glob("segments_*"))
+        self.last_index_reused = built
+        if not built and rank == 0:
+            self._build(task, target)
+        if world > 1:
+            torch.distributed.barrier()
+        return target / "index"
+
+    def _build(self, task: RetrievalTask, target: Path) -> None:
         from search_r3.evaluation.java import boot_jvm
 
-        target = self.index_dir / f"{task.name}-{corpus_digest(task)}"
-        if (target / "index" / "segments_1").exists() or any((target / "index").glob("segments_*")):
-            self.last_index_reused = True
-            return target / "index"
-        self.last_index_reused = False
-        shutil.rmtree(target, ignore_errors=True)
-        (target / "corpus").mkdir(parents=True)
-        keep = task.keep_docs
-        with open(target / "corpus" / "docs.jsonl", "w", encoding="utf-8") as fh:
-            for _, doc_id, text in iter_corpus(task.corpus_path):
-                if keep is None or doc_id in keep:
-                    fh.write(json.dumps({"id": doc_id, "contents": text}, ensure_ascii=False) + "\n")
-        boot_jvm()
-        from jnius import autoclass
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            (tmp / "corpus").mkdir()
+            keep = task.keep_docs
+            with open(tmp / "corpus" / "docs.jsonl", "w", encoding="utf-8") as fh:
+                for _, doc_id, text in iter_corpus(task.corpus_path):
+                    if keep is None or doc_id in keep:
+                        fh.write(json.dumps({"id": doc_id, "contents": text}, ensure_ascii=False) + "\n")
+            boot_jvm()
+            from jnius import autoclass
 
-        log.info("building the BM25 index of %s (%d documents) in %s", task.name, task.num_docs, target)
-        autoclass("io.anserini.index.IndexCollection").main([
-            "-collection", "JsonCollection", "-input", str(target / "corpus"), "-index", str(target / "index"),
-            "-generator", "DefaultLuceneDocumentGenerator", "-threads", str(self.threads), "-storeRaw",
-        ])
-        (target / "corpus" / "docs.jsonl").unlink()  # the index holds what search needs
-        return target / "index"
+            log.info("building the BM25 index of %s (%d documents) in %s", task.name, task.num_docs, target)
+            start = time.perf_counter()
+            autoclass("io.anserini.index.IndexCollection").main([
+                "-collection", "JsonCollection", "-input", str(tmp / "corpus"), "-index", str(tmp / "index"),
+                "-generator", "DefaultLuceneDocumentGenerator", "-threads", str(self.threads), "-storeRaw",
+            ])
+            (tmp / "corpus" / "docs.jsonl").unlink()  # the index holds what search needs
+            with open(self.index_dir / "builds.jsonl", "a", encoding="utf-8") as fh:  # one line per build
+                fh.write(json.dumps({"index": target.name, "documents": task.num_docs, "rank": world_and_rank()[1],
+                                     "seconds": round(time.perf_counter() - start, 1)}) + "\n")
+            if target.exists() and not any((target / "index").glob("segments_*")):
+                shutil.rmtree(target, ignore_errors=True)  # an incomplete folder an older version left
+            try:
+                tmp.rename(target)
+            except OSError:  # another process finished first: keep its index
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def search(self, task: RetrievalTask, k: int) -> dict[str, dict[str, float]]:
         from search_r3.evaluation.java import boot_jvm

@@ -77,19 +77,27 @@ def test_retriever_names_must_be_unique(tiny_lm_dir: Path) -> None:
 def test_two_process_ddp_gives_the_single_process_numbers(tiny_lm_dir: Path, mini_scifact: Path, tmp_path: Path) -> None:
     import json
 
+    from search_r3.evaluation.retrievers import BM25Retriever
+
     results = {}
     for name, strategy, devices in [("single", "auto", 1), ("ddp", "ddp_spawn", 2)]:
         encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False)
-        module = RetrievalEvalModule([EmbeddingLMRetriever(encoder, name="tiny")], output_dir=str(tmp_path / name),
-                                     embedding_cache_dir=None)
+        bm25 = BM25Retriever(index_dir=str(tmp_path / f"bm25-{name}"), threads=1)
+        module = RetrievalEvalModule([EmbeddingLMRetriever(encoder, name="tiny"), bm25],
+                                     output_dir=str(tmp_path / name), embedding_cache_dir=None)
         trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                             enable_progress_bar=False, enable_model_summary=False)
         # batch 5: neither the 48 documents nor the 8 queries split evenly, so padding and sharding both matter
         trainer.test(module, datamodule=BEIRDataModule(data_root=str(mini_scifact.parent), datasets=["scifact"],
                                                        batch_size=5))
         results[name] = json.loads(next((tmp_path / name).rglob("metrics.json")).read_text())
-    for key in ("nDCG@10", "R@100", "RR@10"):
-        assert results["ddp"][0][key] == pytest.approx(results["single"][0][key], abs=1e-4)
+        # BM25: one index, built by one process (rank 0), renamed into place: no temporary folder left.
+        folders = [p for p in (tmp_path / f"bm25-{name}").iterdir() if p.is_dir()]
+        builds = (tmp_path / f"bm25-{name}" / "builds.jsonl").read_text().splitlines()
+        assert len(folders) == 1 and len(builds) == 1 and json.loads(builds[0])["rank"] == 0
+    for row in (0, 1):
+        for key in ("nDCG@10", "R@100", "RR@10"):
+            assert results["ddp"][row][key] == pytest.approx(results["single"][row][key], abs=1e-4)
 
 
 def test_a_reasoning_row_states_how_much_reasoning_there_was(tiny_lm_dir: Path, mini_scifact: Path,
