@@ -55,6 +55,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import MeanMetric
 
 from search_r3.environment import ExactIndex, HNSWIndex, RefreshPolicy, RetrievalEnvironment
 from search_r3.environment.rewards import RewardKind
@@ -131,6 +132,9 @@ class RLModule(AdapterTrainingModule):
         self._saved_env: dict[str, Any] | None = None
         self.last_rollouts: list[tuple[str, str, float]] = []
         self.seed = seed
+        self.rollout_stats = torch.nn.ModuleDict({key: MeanMetric(dist_sync_on_step=True) for key in (
+            "reward", "reward_ge_0_5", "format_failure_rate", "missing_token_rate", "zero_variance_groups",
+            "entropy", "reasoning_tokens", "empty_reasoning_rate")})
 
     @property
     def cap(self) -> int:
@@ -296,18 +300,24 @@ class RLModule(AdapterTrainingModule):
         all-equal groups, KL, entropy)."""
         n = rewards.numel()
         with torch.no_grad():
-            probs = F.softmax(logits.detach(), dim=-1)
-            entropy = float(-(probs * F.log_softmax(logits.detach(), dim=-1)).sum(-1).mean()) if len(logits) else 0.0
+            entropy = -(F.softmax(logits.detach(), dim=-1) * F.log_softmax(logits.detach(), dim=-1)).sum(-1)
         length = r["analysis_tokens"].float()
-        per_epoch = {
-            "train/reward_ge_0.5": float((rewards >= 0.5).float().mean()),
-            "train/format_failure_rate": float(r["format_failed"].float().mean()),
-            "train/missing_token_rate": float(r["missing"].float().mean()),
-            "train/zero_variance_groups": 1.0 - float(informative_groups(rewards, self.group_size).float().mean()),
-            "train/kl": float(terms["kl"]), "train/entropy": entropy,
-            "train/reasoning_tokens": float(length.mean()),
-            "train/empty_reasoning_rate": float((length == 0).float().mean()),
+        # torchmetrics means: under DDP each step's value and each epoch's are over every rank's rollouts
+        # (synchronised), not rank 0's alone.
+        values = {
+            "reward": rewards.float(),
+            "reward_ge_0.5": (rewards >= 0.5).float(),
+            "format_failure_rate": r["format_failed"].float(),
+            "missing_token_rate": r["missing"].float(),
+            "zero_variance_groups": 1.0 - informative_groups(rewards, self.group_size)[:: self.group_size].float(),
+            "entropy": entropy,
+            "reasoning_tokens": length,
+            "empty_reasoning_rate": (length == 0).float(),
         }
+        for key, value in values.items():
+            metric = self.rollout_stats[key.replace(".", "_")]
+            metric(value.to(self.device))
+            self.log(f"train/{key}", metric, on_step=True, on_epoch=True, batch_size=n, prog_bar=key == "reward")
         per_step = {
             "train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()) if n > 1 else 0.0,
             "train/reasoning_tokens_p10": float(length.quantile(0.1)),
@@ -319,11 +329,8 @@ class RLModule(AdapterTrainingModule):
         }
         per_step.update(stats.metrics("env/"))
         self.log_dict(per_step, batch_size=n)
-        self.log_dict(per_epoch, batch_size=n, on_step=True, on_epoch=True)
-        # With a few queries per step the step values are noisy; the epoch mean over the same queries
-        # (train/reward_epoch) shows whether the reward rises.
-        self.log("train/reward", per_step["train/reward_mean"], prog_bar=True, batch_size=n, on_step=True,
-                 on_epoch=True)
+        # already the mean over every rank's tokens (the loss normalises by the summed count)
+        self.log("train/kl", float(terms["kl"]), on_step=True, on_epoch=True, batch_size=n)
 
     def _log_samples(self) -> None:
         """The last rollouts as a table (query, reasoning, reward) that MLflow's UI shows."""

@@ -10,6 +10,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 
+from search_r3.lightning_modules.rl import RLModule
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -195,3 +197,21 @@ class InterruptAtStep(L.Callback):
 @pytest.fixture()
 def interrupt_at_step() -> type[InterruptAtStep]:
     return InterruptAtStep
+
+
+class SampledTokenReward(RLModule):  # module level: ddp_spawn pickles it by reference
+    """Stage 2 with a reward = the share of a rollout's policy tokens that fall in a fixed half of the vocabulary.
+
+    It depends on nothing but what the policy samples: not on the embedding, the environment or the
+    documents. With the embedding term and the KL off, the only thing that can raise it is the policy
+    gradient moving probability towards the tokens of better-than-average rollouts. It also gives every
+    group unequal rewards, which the tiny model's retrieval rewards (all 0) do not."""
+
+    def rollout_rewards(self, r: dict, emb, positives):
+        rewarded = (r["targets"] % 2 == 0) & r["policy"]
+        return rewarded.sum(1).float() / r["policy"].sum(1).clamp(min=1)
+
+
+@pytest.fixture()
+def sampled_token_reward() -> type:
+    return SampledTokenReward

@@ -140,7 +140,9 @@ class _SaveRL(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         m = trainer.callback_metrics
         self.steps.append({k: float(m[f"train/{k}"]) for k in ("loss", "policy_loss", "embed_loss", "reward_mean",
-                                                                 "grad_norm")} | {"kl": float(m["train/kl_step"])})
+                                                                 "grad_norm")}
+                          | {k: float(m[f"train/{k}_step"]) for k in ("kl", "reward", "reward_ge_0.5", "entropy",
+                                                                       "reasoning_tokens", "format_failure_rate")})
 
     def on_fit_end(self, trainer, pl_module) -> None:
         torch.save({"vectors": pl_module.env.vectors, "versions": pl_module.env.versions, "steps": self.steps,
@@ -149,16 +151,15 @@ class _SaveRL(L.Callback):
                    self.out.with_name(f"{self.out.stem}-rank{trainer.global_rank}.pt"))
 
 
-def _run_rl(tiny_lm_dir: Path, root: Path, out: Path, processes: int) -> list[dict]:
+def _run_rl(tiny_lm_dir: Path, root: Path, out: Path, processes: int, module_class: type) -> list[dict]:
     from search_r3.datamodules.rl_queries import RLQueryDataModule
     from search_r3.environment import RefreshPolicy
-    from search_r3.lightning_modules.rl import RLModule
 
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=6,
                           lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=32, max_query_tokens=24)
-    module = RLModule(encoder, group_size=2, lr=1e-3, kl_weight=0.04, embed_weight=0.1, samples_every=0,
+    module = module_class(encoder, group_size=2, lr=1e-3, kl_weight=0.04, embed_weight=0.1, samples_every=0,
                       refresh=RefreshPolicy(top_l=5, settle_rounds=1), adapter_dir=str(out.parent / "adapter"))
     data = RLQueryDataModule(data_root=str(root), max_queries=8, batch_size=4 // processes, val_queries=4,
                              val_corpus_docs=30)
@@ -171,13 +172,17 @@ def _run_rl(tiny_lm_dir: Path, root: Path, out: Path, processes: int) -> list[di
 
 
 def test_two_process_rl_shares_one_environment_and_is_the_one_process_run(tiny_lm_dir: Path, mini_train_root: Path,
-                                                                          tmp_path: Path) -> None:
+                                                                          tmp_path: Path,
+                                                                          sampled_token_reward: type) -> None:
     """Stage 2 on 2 gloo processes (2 queries each) against one process (4 queries): every rank ends with
     the same environment (the union of touched documents re-encoded once, split across ranks), and that
     environment, the losses and the weights are the one-process run's. Rollouts are sampled per query
-    from (seed, step, query id), so both runs sample the same trajectories."""
-    (one,) = _run_rl(tiny_lm_dir, mini_train_root, tmp_path / "one" / "rl.pt", 1)
-    two = _run_rl(tiny_lm_dir, mini_train_root, tmp_path / "two" / "rl.pt", 2)
+    from (seed, step, query id), so both runs sample the same trajectories. The reward is the sampled-token
+    one (conftest): its groups are never all equal, so the policy term is on (with the KL and the
+    embedding term), and its global normalisation is compared too."""
+    (one,) = _run_rl(tiny_lm_dir, mini_train_root, tmp_path / "one" / "rl.pt", 1, sampled_token_reward)
+    two = _run_rl(tiny_lm_dir, mini_train_root, tmp_path / "two" / "rl.pt", 2, sampled_token_reward)
+    assert all(abs(s["policy_loss"]) > 0 for s in one["steps"])
     assert torch.equal(two[0]["vectors"], two[1]["vectors"]) and torch.equal(two[0]["versions"], two[1]["versions"])
     assert torch.equal(two[0]["versions"], one["versions"]) and int(one["versions"].max()) == 1
     # Each document the one process encoded was encoded once across the ranks, and they shared the work.
@@ -190,7 +195,7 @@ def test_two_process_rl_shares_one_environment_and_is_the_one_process_run(tiny_l
         for key, value in a.items():
             if key == "grad_norm":  # AdamW hides a wrongly scaled gradient in the updates; the norm does not
                 assert b[key] == pytest.approx(value, rel=1e-5), (key, one["steps"], two[0]["steps"])
-            elif key != "reward_mean":  # per rank: the mean of its own rollouts
+            elif key != "reward_mean":  # per rank: the mean of its own rollouts; "reward" is synchronised
                 assert b[key] == pytest.approx(value, abs=1e-5), (key, one["steps"], two[0]["steps"])
     diffs = [float((two[0]["weights"][n] - w).abs().max()) for n, w in one["weights"].items()]
     assert max(diffs) < 1e-5, max(diffs)

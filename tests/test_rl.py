@@ -344,23 +344,12 @@ def test_rollout_scores_the_sampled_stop_token_at_the_sampling_temperature(tiny_
     torch.testing.assert_close(logp[1, p + n], want)
 
 
-class _SampledTokenReward(RLModule):
-    """Reward = the share of a rollout's policy tokens that fall in a fixed half of the vocabulary.
-
-    It depends on nothing but what the policy samples: not on the embedding, the environment or the
-    documents. With the embedding term and the KL off, the only thing that can raise it is the policy
-    gradient moving probability towards the tokens of better-than-average rollouts."""
-
-    def rollout_rewards(self, r: dict, emb: torch.Tensor, positives: list[list[int]]) -> torch.Tensor:
-        rewarded = (r["targets"] % 2 == 0) & r["policy"]
-        return rewarded.sum(1).float() / r["policy"].sum(1).clamp(min=1)
-
-
-def _sampled_token_reward_curve(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path, steps: int) -> list[float]:
+def _sampled_token_reward_curve(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path, steps: int,
+                                sampled_token_reward: type) -> list[float]:
     torch.manual_seed(0)
     encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=8,
                           lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=32, max_query_tokens=24)
-    module = _SampledTokenReward(encoder, group_size=4, adapter_dir=str(tmp_path / "adapter"), lr=1e-2,
+    module = sampled_token_reward(encoder, group_size=4, adapter_dir=str(tmp_path / "adapter"), lr=1e-2,
                                  embed_weight=0.0, kl_weight=0.0, refresh=RefreshPolicy(top_l=5), samples_every=0)
     rewards: list[float] = []
 
@@ -374,8 +363,11 @@ def _sampled_token_reward_curve(tiny_lm_dir: Path, mini_train_root: Path, tmp_pa
 
 
 def test_the_policy_gradient_alone_raises_a_reward_on_sampled_tokens(tiny_lm_dir: Path, mini_train_root: Path,
-                                                                     tmp_path: Path, monkeypatch) -> None:
-    rewards = _sampled_token_reward_curve(tiny_lm_dir, mini_train_root, tmp_path / "up", steps=24)
+                                                                     tmp_path: Path, monkeypatch,
+                                                                     sampled_token_reward: type) -> None:
+    """The reward (see conftest.SampledTokenReward) depends on nothing but the sampled tokens, and the
+    embedding term and the KL are off: only the policy gradient can raise it."""
+    rewards = _sampled_token_reward_curve(tiny_lm_dir, mini_train_root, tmp_path / "up", 24, sampled_token_reward)
     first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
     assert last > first + 0.15, rewards
     # Mutation check: the same run with the advantages' sign flipped must learn the other way.
@@ -383,5 +375,5 @@ def test_the_policy_gradient_alone_raises_a_reward_on_sampled_tokens(tiny_lm_dir
 
     flipped = rl.group_advantages
     monkeypatch.setattr(rl, "group_advantages", lambda *a, **k: -flipped(*a, **k))
-    wrong = _sampled_token_reward_curve(tiny_lm_dir, mini_train_root, tmp_path / "down", steps=24)
+    wrong = _sampled_token_reward_curve(tiny_lm_dir, mini_train_root, tmp_path / "down", 24, sampled_token_reward)
     assert sum(wrong[-6:]) / 6 < sum(wrong[:6]) / 6 - 0.15, wrong
