@@ -72,7 +72,7 @@ def reasoning_length_stats(lengths: list[int], missing: int) -> dict[str, float]
         return {}
     ordered_lengths = sorted(lengths)
     n = len(ordered_lengths)
-    return {"reasoning_tokens_mean": round(sum(ordered_lengths) / n, 2),
+    return {"reasoning_queries": n, "reasoning_tokens_mean": round(sum(ordered_lengths) / n, 2),
             "reasoning_tokens_p50": float(ordered_lengths[n // 2]),
             "reasoning_tokens_p90": float(ordered_lengths[min(n - 1, int(0.9 * n))]),
             "empty_reasoning_rate": round(sum(x == 0 for x in ordered_lengths) / n, 4),

@@ -28,6 +28,7 @@ from torch import nn
 
 from search_r3.datamodules.beir import RetrievalTask
 from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, score_run, score_task
+from search_r3.evaluation.distributed import gather_objects
 from search_r3.evaluation.metrics import DEFAULT_MEASURES
 from search_r3.evaluation.report import (
     ResultRow,
@@ -43,12 +44,10 @@ from search_r3.evaluation.run_files import write_trec_run
 log = logging.getLogger(__name__)
 
 
-def _missing_tokens(retriever: Retriever) -> int:
-    return int(getattr(getattr(retriever, "encoder", None), "missing_embed_token_count", 0))
-
-
-def _reasoning_lengths(retriever: Retriever) -> list[int]:
-    return getattr(getattr(retriever, "encoder", None), "reasoning_lengths", [])
+def _reasoning_log(retriever: Retriever) -> list[tuple[int, bool]]:
+    """(analysis tokens, embed token appended) of every reasoning-mode query the retriever encoded."""
+    encoder = getattr(retriever, "encoder", None)
+    return list(zip(getattr(encoder, "reasoning_lengths", []), getattr(encoder, "reasoning_missing", [])))
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -116,8 +115,8 @@ class RetrievalEvalModule(L.LightningModule):
         self.store = EmbeddingStore()
         self.rows: list[ResultRow] = []
         self._seconds: dict[tuple, float] = defaultdict(float)
-        self._missing: dict[tuple, int] = defaultdict(int)  # reasoning queries whose token was appended
-        self._lengths: dict[tuple, list[int]] = defaultdict(list)  # analysis tokens of reasoning queries
+        # per reasoning query (by index): analysis tokens and whether the embed token was appended
+        self._reasoning: dict[tuple, dict[int, tuple[int, bool]]] = defaultdict(dict)
         self._cached: dict[tuple[int, str], torch.Tensor] = {}
         self.partial_save_s = partial_save_s
         self._resumed: dict[tuple[int, str], set[int]] = {}  # document indices taken from a partial file
@@ -129,8 +128,7 @@ class RetrievalEvalModule(L.LightningModule):
         self.store.clear()
         self.rows = []
         self._seconds.clear()
-        self._missing.clear()
-        self._lengths.clear()
+        self._reasoning.clear()
         self._cached = {}
         self._resumed = {}
         self._partial = {}
@@ -168,10 +166,11 @@ class RetrievalEvalModule(L.LightningModule):
             else:
                 for mode in retriever.modes:
                     start = time.perf_counter()
-                    missing, lengths = _missing_tokens(retriever), len(_reasoning_lengths(retriever))
+                    before = len(_reasoning_log(retriever))
                     self.store.add((i, task, "query", mode), batch["index"], retriever.encode_queries(texts, mode))
-                    self._missing[(i, task, mode)] += _missing_tokens(retriever) - missing
-                    self._lengths[(i, task, mode)] += _reasoning_lengths(retriever)[lengths:]
+                    new = _reasoning_log(retriever)[before:]
+                    if new:
+                        self._reasoning[(i, task, mode)].update(zip((int(x) for x in batch["index"]), new))
                     self._seconds[(i, task, mode)] += time.perf_counter() - start
 
     def on_test_epoch_end(self) -> None:
@@ -193,8 +192,11 @@ class RetrievalEvalModule(L.LightningModule):
                     seconds = time.perf_counter() - start + self._seconds[(i, task.name)] + self._seconds[(i, task.name, mode)]
                     row = self._row(retriever, mode, task, metrics_, seconds, cached=(i, task.name) in self._cached)
                     if mode == "reasoning":
-                        row.reasoning = reasoning_length_stats(self._lengths[(i, task.name, mode)],
-                                                               self._missing[(i, task.name, mode)])
+                        # every rank's queries (a query a sampler padded in twice counts once)
+                        merged = {k: v for part in gather_objects(self._reasoning[(i, task.name, mode)])
+                                  for k, v in part.items()}
+                        row.reasoning = reasoning_length_stats([n for n, _ in merged.values()],
+                                                               sum(m for _, m in merged.values()))
                     self.rows.append(row)
                     runs[(row.label, task.name)] = run
                     metrics.update({metric_key("test", task.name, row.label, k): v for k, v in metrics_.items()})

