@@ -215,3 +215,19 @@ class SampledTokenReward(RLModule):  # module level: ddp_spawn pickles it by ref
 @pytest.fixture()
 def sampled_token_reward() -> type:
     return SampledTokenReward
+
+
+def _perturb_trainable(model, scale: float = 0.1, noise: bool = False) -> None:
+    """Move every trainable parameter (LoRA A and B, the token rows) away from its initial value, as
+    training would: LoRA's B starts at zero, so an untrained adapter would hide what a test checks."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p) if noise else torch.full_like(p, scale))
+
+
+@pytest.fixture()
+def perturb_trainable():
+    return _perturb_trainable

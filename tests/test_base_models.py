@@ -61,13 +61,11 @@ def test_nothing_forces_the_hub_offline_on_import() -> None:
     assert out.stdout.strip() == "None"
 
 
-def test_stage1_adapter_on_a_padded_untied_qwen2_saves_and_reloads(tiny_qwen2_padded_dir: Path, tmp_path: Path) -> None:
+def test_stage1_adapter_on_a_padded_untied_qwen2_saves_and_reloads(tiny_qwen2_padded_dir: Path, tmp_path: Path,
+                                                                   perturb_trainable) -> None:
     model = EmbeddingLM(base_model=str(tiny_qwen2_padded_dir), dtype="float32", show_progress=False,
                         lora=LoraSettings(r=4, alpha=8, dropout=0.0))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1)
+    perturb_trainable(model)
     model.save(tmp_path / "a")
     again = EmbeddingLM(base_model=str(tiny_qwen2_padded_dir), dtype="float32", show_progress=False,
                         adapter=str(tmp_path / "a"))

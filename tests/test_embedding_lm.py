@@ -262,17 +262,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_lm_dir) -> None:
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)
 
 
-def test_an_evaluation_adapter_is_merged_and_embeds_as_the_unmerged_one(tiny_lm_dir, tmp_path) -> None:
+def test_an_evaluation_adapter_is_merged_and_embeds_as_the_unmerged_one(tiny_lm_dir, tmp_path, perturb_trainable) -> None:
     """Merged inference (no LoRA layers left, so encoding costs what the bare model costs) gives the
     unmerged adapter's embeddings up to fp32 rounding, in both modes' readout."""
     torch.manual_seed(0)
     trained = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
                           lora=LoraSettings(r=4, alpha=8, dropout=0.0,
                                             target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
-    with torch.no_grad():
-        for p in trained.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn_like(p))
+    perturb_trainable(trained, 0.2, noise=True)
     trained.save(tmp_path / "a")
     merged = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, adapter=str(tmp_path / "a"))
     unmerged = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,

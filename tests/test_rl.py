@@ -237,15 +237,12 @@ def test_rl_data_holds_out_validation_queries_and_keeps_every_positive(data_root
     assert texts["4983"].startswith("Microstructural development of human newborn cerebral white matter")
 
 
-def test_a_saved_stage1_adapter_keeps_training_in_stage2(tiny_lm_dir: Path, tmp_path: Path) -> None:
+def test_a_saved_stage1_adapter_keeps_training_in_stage2(tiny_lm_dir: Path, tmp_path: Path, perturb_trainable) -> None:
     """configs/rl.yaml loads the Stage-1 adapter with `lora` set: LoRA and the token row must stay trainable,
     and the loaded model must embed exactly as the saved one."""
     stage1 = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
                          lora=LoraSettings(r=4, alpha=8, dropout=0.0))
-    with torch.no_grad():
-        for p in stage1.parameters():
-            if p.requires_grad:
-                p.add_(0.1)
+    perturb_trainable(stage1)
     stage1.save(tmp_path / "sft")
     loaded = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, adapter=str(tmp_path / "sft"),
                          lora=LoraSettings(r=4, alpha=8, dropout=0.0))
@@ -255,25 +252,22 @@ def test_a_saved_stage1_adapter_keeps_training_in_stage2(tiny_lm_dir: Path, tmp_
     RLModule(loaded, group_size=2)  # accepted as a trainable encoder
 
 
-def _trained_stage1(tiny_lm_dir: Path, folder: Path) -> EmbeddingLM:
+def _trained_stage1(tiny_lm_dir: Path, folder: Path, perturb_trainable) -> EmbeddingLM:
     """A Stage-1 model whose LoRA (B included) and token row are far from their initial values, saved."""
     torch.manual_seed(1)
     stage1 = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=8,
                          lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=32, max_query_tokens=24)
-    with torch.no_grad():
-        for p in stage1.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn_like(p))
+    perturb_trainable(stage1, 0.2, noise=True)
     stage1.save(folder)
     return stage1
 
 
 def test_stage2_starts_from_stage1_and_is_anchored_to_it(tiny_lm_dir: Path, mini_train_root: Path,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, perturb_trainable) -> None:
     """GRPO's reference is the policy RL starts from: with a trained Stage-1 adapter the KL at step 0 is
     exactly 0 and the embeddings are Stage 1's. (Continuing the Stage-1 adapter with the base model as
     the reference, as before, gives a KL of several nats here.)"""
-    stage1 = _trained_stage1(tiny_lm_dir, tmp_path / "sft")
+    stage1 = _trained_stage1(tiny_lm_dir, tmp_path / "sft", perturb_trainable)
     encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=8,
                           adapter=str(tmp_path / "sft"), lora=LoraSettings(r=4, alpha=8, dropout=0.0),
                           max_document_tokens=32, max_query_tokens=24)
@@ -293,10 +287,7 @@ def test_stage2_starts_from_stage1_and_is_anchored_to_it(tiny_lm_dir: Path, mini
     terms = module.losses(r, emb, logp, logits, group_advantages(rewards, 4), positives, rewards)
     assert float(terms["kl"]) == 0.0
     # The RL adapter loads for `search-r3 test` on its own, Stage 1 inside it, and embeds as the policy.
-    with torch.no_grad():
-        for name, p in encoder.named_parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
+    perturb_trainable(encoder, 0.1, noise=True)
     encoder.save(tmp_path / "rl")
     assert (tmp_path / "rl" / "base_adapter" / "search_r3.json").is_file()
     tested = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
