@@ -48,6 +48,7 @@ Our choices where the paper is silent (``docs/design.md``), with why:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -345,8 +346,6 @@ class RLModule(AdapterTrainingModule):
         if logger is not None and type(logger).__name__ == "MLFlowLogger":
             logger.experiment.log_table(logger.run_id, data=table, artifact_file=name)
             return
-        import json
-
         path = Path(self.adapter_dir).parent / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(table, indent=1))
