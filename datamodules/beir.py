@@ -50,6 +50,7 @@ class RetrievalTask:
     doc_ids: list[str]  # ids of the encoded documents, in corpus order (position = stream index)
     corpus_size: int  # documents in the corpus file
     report: ReadReport = field(default_factory=ReadReport)
+    on_bad_row: OnBadRow = "error"  # every later pass over the corpus drops the lines the first one did
 
     @property
     def num_docs(self) -> int:
@@ -62,7 +63,7 @@ class RetrievalTask:
     def load_texts(self) -> list[str]:
         """The encoded documents' texts in ``doc_ids`` order, read in one pass (for in-memory users such
         as the RL environment; evaluation streams through ``CorpusStream`` instead)."""
-        texts = [text for _, doc_id, text in iter_corpus(self.corpus_path)
+        texts = [text for _, doc_id, text in iter_corpus(self.corpus_path, on_bad_row=self.on_bad_row)
                  if self.keep_docs is None or doc_id in self.keep_docs]
         if len(texts) != len(self.doc_ids):
             raise DataFormatError(f"{self.corpus_path} changed while in use: {len(texts)} documents, expected {len(self.doc_ids)}")
@@ -97,6 +98,13 @@ class CorpusStream(IterableDataset):
         self.task = task
         self.sort_window = sort_window
 
+    def __len__(self) -> int:
+        """Documents this rank streams (all its workers together): gives progress bars a total and an ETA."""
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return len(range(rank, self.task.num_docs, world))
+
     def _shard(self) -> tuple[int, int]:
         rank, world = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -110,7 +118,7 @@ class CorpusStream(IterableDataset):
         keep = self.task.keep_docs
         buffer: list[dict[str, Any]] = []
         index = 0
-        for _, doc_id, text in iter_corpus(self.task.corpus_path):
+        for _, doc_id, text in iter_corpus(self.task.corpus_path, on_bad_row=self.task.on_bad_row):
             if keep is not None and doc_id not in keep:
                 continue
             if index % shards == shard:
@@ -213,7 +221,7 @@ class BEIRDataModule(L.LightningDataModule):
         budget = None if self.max_corpus_docs is None else max(self.max_corpus_docs - len(judged), 0)
         seen: dict[str, int] = {}  # insertion order = corpus order
         keep: set[str] = set()
-        for lineno, doc_id, _ in iter_corpus(corpus_path):
+        for lineno, doc_id, _ in iter_corpus(corpus_path, report, self.on_bad_row):
             if doc_id in seen:
                 raise DataFormatError(f"{corpus_path}:{lineno}: duplicate document id {doc_id!r} (first at line {seen[doc_id]})")
             seen[doc_id] = lineno
@@ -237,6 +245,7 @@ class BEIRDataModule(L.LightningDataModule):
             doc_ids=doc_ids,
             corpus_size=len(seen),
             report=report,
+            on_bad_row=self.on_bad_row,
         )
 
     def _loaders(self) -> list[DataLoader]:

@@ -9,18 +9,19 @@ rest follow ``on_bad_row``: ``"error"`` (default) raises, ``"skip"`` drops the r
 from __future__ import annotations
 
 import gzip
-import io
 import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Literal
+
+from search_r3.model.errors import UserError
 
 OnBadRow = Literal["error", "skip"]
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A BEIR file is missing or malformed; the message names the file and line."""
 
 
@@ -35,7 +36,7 @@ class ReadReport:
         """Raise ``where: reason (detail)`` or count the skip under ``reason``."""
         message = f"{where}: {reason} ({detail})"
         if on_bad_row == "error":
-            raise DataFormatError(message)
+            raise DataFormatError(f"{message}; to drop and count such rows instead, set on_bad_row: skip")
         self.skipped[reason] += 1
         self.examples.setdefault(reason, message)
 
@@ -58,25 +59,36 @@ def find_queries_file(folder: Path, split: str) -> Path:
         return find_file(folder, f"queries.{split}.jsonl")
 
 
-def open_text(path: Path) -> TextIO:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(line_number, object)`` for each non-blank line; a line that is not a JSON object raises."""
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+def iter_lines(path: Path, report: ReadReport | None = None, on_bad_row: OnBadRow = "error") -> Iterator[tuple[int, str]]:
+    """``(line_number, text)`` of a plain or gzipped UTF-8 file, decoded line by line, so a byte that is
+    not UTF-8 is reported with its file and line (and, under ``on_bad_row="skip"``, that line is dropped
+    and counted) instead of a ``UnicodeDecodeError`` that names neither."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from err
-            if not isinstance(obj, dict):
-                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                (report or ReadReport()).skip(
+                    "not UTF-8", f"{path}:{lineno}",
+                    f"byte {raw[err.start]:#04x} at column {err.start + 1}; re-save the file as UTF-8", on_bad_row)
+
+
+def iter_jsonl(path: Path, report: ReadReport | None = None, on_bad_row: OnBadRow = "error") -> Iterator[tuple[int, dict]]:
+    """``(line_number, object)`` for each non-blank line; a line that is not a JSON object raises (a
+    line that is not UTF-8 follows ``on_bad_row``)."""
+    for lineno, line in iter_lines(path, report, on_bad_row):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as err:
+            # json's messages may end in "at" ("Unterminated string starting at"): the position follows
+            reason = err.msg.removesuffix(" at")
+            raise DataFormatError(f"{path}:{lineno}: not valid JSON ({reason}, column {err.colno})") from err
+        if not isinstance(obj, dict):
+            raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def _id_of(obj: dict, path: Path, lineno: int) -> str:
@@ -92,9 +104,11 @@ def document_text(obj: dict) -> str:
     return f"{title} {text}".strip()
 
 
-def iter_corpus(path: Path) -> Iterator[tuple[int, str, str]]:
-    """Streams ``(line_number, doc_id, text)``; a line without ``_id`` or with a non-string text raises."""
-    for lineno, obj in iter_jsonl(path):
+def iter_corpus(path: Path, report: ReadReport | None = None,
+                on_bad_row: OnBadRow = "error") -> Iterator[tuple[int, str, str]]:
+    """Streams ``(line_number, doc_id, text)``; a line without ``_id`` or with a non-string text raises
+    (a line that is not UTF-8 follows ``on_bad_row``)."""
+    for lineno, obj in iter_jsonl(path, report, on_bad_row):
         doc_id = _id_of(obj, path, lineno)
         for key in ("title", "text"):
             if obj.get(key) is not None and not isinstance(obj[key], str):
@@ -110,7 +124,7 @@ def read_queries(
     queries: dict[str, str] = {}
     empty: set[str] = set()
     where: dict[str, int] = {}
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path, report, on_bad_row):
         qid = _id_of(obj, path, lineno)
         if wanted is not None and qid not in wanted:
             continue
@@ -134,28 +148,27 @@ def read_qrels(path: Path, report: ReadReport, on_bad_row: OnBadRow) -> tuple[Qr
     error messages about ids found later to be unknown). The BEIR header line is optional."""
     qrels: Qrels = {}
     lines: dict[tuple[str, str], int] = {}
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            if lineno == 1 and cols[0].strip().lower() in {"query-id", "query_id", "qid"}:
-                continue
-            if len(cols) != 3:
-                raise DataFormatError(
-                    f"{path}:{lineno}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}"
-                )
-            qid, did, score = (c.strip() for c in cols)
-            try:
-                rel = int(float(score))
-            except ValueError as err:
-                raise DataFormatError(f"{path}:{lineno}: score {score!r} is not a number") from err
-            if qid in qrels and did in qrels[qid]:
-                report.skip("duplicate qrel", f"{path}:{lineno}", f"query {qid!r}, document {did!r}", on_bad_row)
-                continue
-            qrels.setdefault(qid, {})[did] = rel
-            lines[(qid, did)] = lineno
+    for lineno, line in iter_lines(path, report, on_bad_row):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if lineno == 1 and cols[0].strip().lower() in {"query-id", "query_id", "qid"}:
+            continue
+        if len(cols) != 3:
+            raise DataFormatError(
+                f"{path}:{lineno}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}"
+            )
+        qid, did, score = (c.strip() for c in cols)
+        try:
+            rel = int(float(score))
+        except ValueError as err:
+            raise DataFormatError(f"{path}:{lineno}: score {score!r} is not a number") from err
+        if qid in qrels and did in qrels[qid]:
+            report.skip("duplicate qrel", f"{path}:{lineno}", f"query {qid!r}, document {did!r}", on_bad_row)
+            continue
+        qrels.setdefault(qid, {})[did] = rel
+        lines[(qid, did)] = lineno
     if not qrels:
         raise DataFormatError(f"{path}: no judgements in this qrels file")
     return qrels, lines

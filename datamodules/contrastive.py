@@ -135,22 +135,24 @@ class ContrastiveDataModule(L.LightningDataModule):
                                          split="train", max_queries=self.val_queries,
                                          max_corpus_docs=self.val_corpus_docs)
         self.validation.setup("validate")
-        held_out = {q for task in self.validation.tasks for q in task.queries}
+        # Every id is namespaced by its dataset (see TrainingRow.namespaced): corpora's ids may clash.
+        held_out = {f"{task.name}/{q}" for task in self.validation.tasks for q in task.queries}
         texts: dict[str, str] = {}
         relevant: dict[str, set[str]] = {}
-        for dataset, rows in rows_by_dataset.items():
+        for dataset, raw_rows in rows_by_dataset.items():
             if self.mask_known_positives:
                 for qid, docs in judged_in_any_split(self.data_root / "beir" / dataset, min_score=1).items():
-                    relevant.setdefault(qid, set()).update(docs)
-            needed = {r.pos_id for r in rows} | {n for r in rows for n in r.neg_ids[: self.num_negatives]}
+                    relevant.setdefault(f"{dataset}/{qid}", set()).update(f"{dataset}/{d}" for d in docs)
+            needed = {r.pos_id for r in raw_rows} | {n for r in raw_rows for n in r.neg_ids[: self.num_negatives]}
             corpus = find_file(self.data_root / "beir" / dataset, "corpus.jsonl")
             for _, doc_id, text in iter_corpus(corpus):
                 if doc_id in needed:
-                    texts[doc_id] = text
-            unknown = needed - texts.keys()
+                    texts[f"{dataset}/{doc_id}"] = text
+            unknown = needed - {d for d in needed if f"{dataset}/{d}" in texts}
             if unknown:
                 raise DataFormatError(f"{len(unknown)} document ids of the {dataset} training rows are not in {corpus} "
                                       f"(e.g. {sorted(unknown)[:3]})")
+            rows = [r.namespaced(dataset) for r in raw_rows]
             kept = [r for r in rows if r.query_id not in held_out and len(r.neg_ids) >= self.num_negatives]
             log.info("%s: %d training rows (%d held out for validation or short of negatives)", dataset, len(kept),
                      len(rows) - len(kept))

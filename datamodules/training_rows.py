@@ -32,6 +32,12 @@ class TrainingRow:
     pos_id: str
     neg_ids: tuple[str, ...] = field(default_factory=tuple)
 
+    def namespaced(self, dataset: str) -> TrainingRow:
+        """The row with every id prefixed by its dataset (``scifact/123``): where several datasets train
+        together, two corpora's document "123" are two documents (texts, masks and sampler keys)."""
+        return TrainingRow(f"{dataset}/{self.query_id}", self.query, f"{dataset}/{self.pos_id}",
+                           tuple(f"{dataset}/{n}" for n in self.neg_ids))
+
     def keys(self, num_negatives: int) -> set[str]:
         """Ids that must not repeat inside a batch: the query and every document it brings."""
         return {f"q:{self.query_id}", f"d:{self.pos_id}", *(f"d:{n}" for n in self.neg_ids[:num_negatives])}

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from search_r3.evaluation.report import ResultRow, markdown_table, print_table
+from search_r3.model.errors import report_user_errors
 
 _KEY = re.compile(r"^test/(?P<task>[^/]+)/(?P<system>[^/]+)/(?P<measure>[^/]+)$")
 
@@ -47,6 +48,10 @@ def rows_from_runs(runs: list, measure: str) -> list[ResultRow]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    report_user_errors(lambda: _main(argv), "search-r3-compare")
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="search-r3-compare", description=__doc__.split("\n")[0])
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--experiment", default="search-r3")

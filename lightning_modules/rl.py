@@ -30,8 +30,13 @@ Our choices where the paper is silent (``docs/design.md``), with why:
   embed token keeps the stop token it actually sampled in the policy mask (the action that failed), while
   the text appended by the format fix-up (" The embedding is <|embed_token|>") was never sampled and gets
   no gradient. A capped trajectory sampled no stop token.
-- **KL**: exact per-token KL over the vocabulary to the reference, on every policy token, not GRPO's k3
-  sample estimator: both distributions are in memory anyway, and the exact value has no variance.
+- **KL** (``kl_estimator``): by default the exact per-token KL over the vocabulary to the reference, on
+  every policy token (no variance); ``k3`` is GRPO's sample estimator, which needs only the reference's
+  log-prob of each sampled token. The reference runs once per rollout batch (one forward, no gradient).
+- **Memory**: logits are never materialised for all response tokens at once; they are projected from
+  the hidden states ``logit_chunk_rows`` positions at a time and checkpointed
+  (:func:`~search_r3.lightning_modules.losses.chunked_token_scores`), so long responses over a 152k
+  vocabulary (Qwen2.5) fit.
 - **Embedding term**: GRPO's gradient only reaches sampled tokens; the embedding is a hidden state,
   so λ · InfoNCE of each rollout embedding against its environment candidates (top-L ∪ positives,
   the documents' current vectors, no gradient through them) moves it directly; ``embed_advantage_weighted``
@@ -54,7 +59,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -63,12 +67,16 @@ from search_r3.environment.rewards import RewardKind
 from search_r3.evaluation.distributed import sum_over_ranks, world_and_rank
 from search_r3.lightning_modules.adapter_training import AdapterTrainingModule
 from search_r3.lightning_modules.losses import (
+    KLEstimator,
     LossNorm,
+    TokenScores,
+    chunked_token_scores,
     grpo_policy_loss,
     group_advantages,
     informative_groups,
+    masked_token_mean,
     multi_positive_info_nce,
-    token_kl,
+    reference_token_logp,
 )
 from search_r3.model.embedding_lm import EmbeddingLM, Generated
 
@@ -86,6 +94,9 @@ class RLModule(AdapterTrainingModule):
         group_size: trajectories per query (G).
         temperature / top_p / max_new_tokens: sampling of the trajectories (``None``: the encoder's cap).
         loss_norm: how the policy term averages over tokens (``sequence``, ``token``, ``constant``).
+        kl_estimator: ``exact`` (KL over the vocabulary) or ``k3`` (GRPO's sample estimator).
+        logit_chunk_rows: response positions projected to the vocabulary at a time (peak memory); None =
+            all at once, logits kept for backward (the unchunked baseline).
         kl_weight: β. embed_weight: λ (0 = pure GRPO). embed_advantage_weighted: weight InfoNCE rows by
             max(advantage, 0). tau: InfoNCE temperature.
         scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
@@ -105,7 +116,8 @@ class RLModule(AdapterTrainingModule):
 
     def __init__(self, encoder: EmbeddingLM, group_size: int = 4, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int | None = None, loss_norm: LossNorm = "sequence",
-                 kl_weight: float = 0.04, embed_weight: float = 0.1, embed_advantage_weighted: bool = False,
+                 kl_weight: float = 0.04, kl_estimator: KLEstimator = "exact", logit_chunk_rows: int | None = 1024,
+                 embed_weight: float = 0.1, embed_advantage_weighted: bool = False,
                  tau: float = 0.05, scale_rewards: bool = True, reward_kind: RewardKind = "ndcg", reward_k: int = 10,
                  failure_reward: float = 0.0, format_penalty: float | None = None, min_reasoning_tokens: int = 0,
                  refresh: RefreshPolicy | None = None, index: Literal["exact", "hnsw"] = "exact",
@@ -120,7 +132,7 @@ class RLModule(AdapterTrainingModule):
         if temperature <= 0:
             raise ValueError("temperature must be positive: GRPO samples its rollouts")
         self.group_size, self.temperature, self.top_p, self.max_new_tokens = group_size, temperature, top_p, max_new_tokens
-        self.loss_norm = loss_norm
+        self.loss_norm, self.kl_estimator, self.logit_chunk_rows = loss_norm, kl_estimator, logit_chunk_rows
         self.kl_weight, self.embed_weight, self.embed_advantage_weighted, self.tau = \
             kl_weight, embed_weight, embed_advantage_weighted, tau
         self.scale_rewards, self.reward_kind, self.reward_k, self.failure_reward = \
@@ -220,16 +232,34 @@ class RLModule(AdapterTrainingModule):
                 "analysis_tokens": analysis_len, "responses": gen.responses,
                 "format_failed": missing | (analysis_len < self.min_reasoning_tokens)}
 
-    def _forward(self, r: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-        """Embeddings [R, d], per-token log-probs [R, T] of the policy tokens at the sampling temperature,
-        and the tempered logits [n, V] of those positions."""
+    def _forward(self, r: dict[str, Any]) -> tuple[Tensor, Tensor, TokenScores]:
+        """Embeddings [R, d], per-token log-probs [R, T] of the policy tokens at the sampling temperature
+        (0 elsewhere), and the per-token scores of those n tokens (log-prob, KL to the reference when
+        ``kl_weight`` is on, entropy), projected to the vocabulary in chunks."""
+        targets = r["targets"][r["policy"]]
+        head = self.encoder.lm.get_output_embeddings()
+        reference, reference_head = None, None
+        if self.kl_weight:  # the reference: once per rollout batch, no gradient, no dropout
+            with torch.no_grad(), self.encoder.eval_mode(), self.encoder.lm.disable_adapter():
+                _, ref_hidden = self.encoder.embed_and_response_hidden(r["input_ids"], r["attention_mask"],
+                                                                       r["policy"])
+                if self.kl_estimator == "k3":
+                    reference = reference_token_logp(ref_hidden, head, targets, self.temperature,
+                                                     self.logit_chunk_rows)
+            if self.kl_estimator == "exact":
+                reference, reference_head = ref_hidden, self._reference_head
         with self.encoder.eval_mode():  # no dropout: see the module docstring
-            emb, logits = self.encoder.embed_and_response_logits(r["input_ids"], r["attention_mask"], r["policy"])
-        logits = logits.float() / self.temperature
-        token_logp = F.log_softmax(logits, dim=-1).gather(1, r["targets"][r["policy"]][:, None]).squeeze(1)
-        logp = torch.zeros(r["policy"].shape, dtype=token_logp.dtype, device=token_logp.device)
-        logp = logp.masked_scatter(r["policy"], token_logp)
-        return emb, logp, logits
+            emb, hidden = self.encoder.embed_and_response_hidden(r["input_ids"], r["attention_mask"], r["policy"])
+            tokens = chunked_token_scores(hidden, head, targets, self.temperature, reference, reference_head,
+                                          self.kl_estimator, self.logit_chunk_rows)
+        logp = torch.zeros(r["policy"].shape, dtype=tokens.logp.dtype, device=tokens.logp.device)
+        logp = logp.masked_scatter(r["policy"], tokens.logp)
+        return emb, logp, tokens
+
+    def _reference_head(self, hidden: Tensor) -> Tensor:
+        """The reference's output projection (adapter off: an untied output row trained by RL reverts)."""
+        with self.encoder.lm.disable_adapter():
+            return self.encoder.lm.get_output_embeddings()(hidden)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> Tensor:
@@ -238,20 +268,24 @@ class RLModule(AdapterTrainingModule):
         positives = [env.positions(p) for p in batch["positives"] for _ in range(self.group_size)]
         r = self.rollout(batch["query"], batch.get("query_id"))
         env.set_step(self.global_step)  # model version = optimizer steps taken
-        emb, logp, logits = self._forward(r)
-        stats = env.step_refresh(emb.detach(), positives)
-        rewards = self.rollout_rewards(r, emb.detach(), positives).to(self.device)
-        advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
-        terms = self.losses(r, emb, logp, logits, advantages, positives, rewards)
-        total = terms["policy"] + self.kl_weight * terms["kl"] + self.embed_weight * terms["embed"]
-        self.optimizers().zero_grad()
-        # Each term is this rank's share of the global mean (normalised by counts summed over ranks); DDP
-        # averages gradients, so the world size restores the sum: N processes compute one process's step.
-        self.manual_backward(world_and_rank()[0] * total)
+        # Forward *and* backward without dropout: with gradient checkpointing, backward recomputes the
+        # forward, which must see the same deterministic model (see EmbeddingLM.eval_mode).
+        with self.encoder.eval_mode():
+            emb, logp, tokens = self._forward(r)
+            stats = env.step_refresh(emb.detach(), positives)
+            rewards = self.rollout_rewards(r, emb.detach(), positives).to(self.device)
+            advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
+            terms = self.losses(r, emb, logp, tokens, advantages, positives, rewards)
+            total = terms["policy"] + self.kl_weight * terms["kl"] + self.embed_weight * terms["embed"]
+            self.optimizers().zero_grad()
+            # Each term is this rank's share of the global mean (normalised by counts summed over ranks);
+            # DDP averages gradients, so the world size restores the sum: N processes compute one
+            # process's step.
+            self.manual_backward(world_and_rank()[0] * total)
         self.optimizer_step_now()
         terms = {name: torch.tensor(sum_over_ranks(float(v.detach()), self.device)) for name, v in terms.items()}
         total = terms["policy"] + self.kl_weight * terms["kl"] + self.embed_weight * terms["embed"]
-        self._log_step(r, rewards, advantages, terms, total, stats, logits)
+        self._log_step(r, rewards, advantages, terms, total, stats, tokens.entropy)
         self.last_rollouts = [(t, self.encoder.tokenizer.decode(resp), float(rw))
                               for t, resp, rw in zip(r["texts"], r["responses"], rewards)]
         if self.samples_every and self.global_step % self.samples_every == 0:
@@ -260,20 +294,14 @@ class RLModule(AdapterTrainingModule):
             self._probe()
         return total.detach()
 
-    def losses(self, r: dict[str, Any], emb: Tensor, logp: Tensor, logits: Tensor, advantages: Tensor,
+    def losses(self, r: dict[str, Any], emb: Tensor, logp: Tensor, tokens: TokenScores, advantages: Tensor,
                positives: list[list[int]], rewards: Tensor) -> dict[str, Tensor]:
         """The three terms, unweighted (``policy``, ``kl``, ``embed``)."""
         informative = informative_groups(rewards, self.group_size)
         reduce = lambda count: sum_over_ranks(count, self.device)  # noqa: E731  (identity on one process)
         terms = {"policy": grpo_policy_loss(logp, advantages, r["policy"], informative, self.loss_norm, self.cap,
                                             reduce=reduce)}
-        if self.kl_weight:
-            with torch.no_grad(), self.encoder.eval_mode(), self.encoder.lm.disable_adapter():
-                _, ref_logits = self.encoder.embed_and_response_logits(r["input_ids"], r["attention_mask"], r["policy"])
-            every = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-            terms["kl"] = token_kl(logits, ref_logits.float() / self.temperature, every, reduce=reduce)
-        else:
-            terms["kl"] = logits.new_zeros(())
+        terms["kl"] = masked_token_mean(tokens.kl, reduce) if self.kl_weight else logp.new_zeros(())
         if self.embed_weight:
             idx, ok, relevant = self.env.candidates(emb.detach(), positives)
             docs = self.env.vectors[idx].to(emb.device)
@@ -295,13 +323,11 @@ class RLModule(AdapterTrainingModule):
 
     # ------------------------------------------------------------------ telemetry
     def _log_step(self, r: dict[str, Any], rewards: Tensor, advantages: Tensor, terms: dict[str, Tensor],
-                  total: Tensor, stats: Any, logits: Tensor) -> None:
+                  total: Tensor, stats: Any, entropy: Tensor) -> None:
         """Per step and, averaged, per epoch: what the paper reports of RL (the share of rewards >= 0.5)
         and what shows a run going wrong (format failures, reasoning length and collapse to no analysis,
         all-equal groups, KL, entropy)."""
         n = rewards.numel()
-        with torch.no_grad():
-            entropy = -(F.softmax(logits.detach(), dim=-1) * F.log_softmax(logits.detach(), dim=-1)).sum(-1)
         length = r["analysis_tokens"].float()
         # torchmetrics means: under DDP each step's value and each epoch's are over every rank's rollouts
         # (synchronised), not rank 0's alone.

@@ -17,10 +17,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from search_r3.model.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class ModelNotAvailableError(FileNotFoundError):
+class ModelNotAvailableError(UserError, FileNotFoundError):
     """A base model that is neither a wheel model, a local folder, nor fetchable from the hub."""
 
 
@@ -37,13 +39,14 @@ class WheelModel:
         try:
             files = importlib.metadata.files(self.distribution) or []
         except importlib.metadata.PackageNotFoundError as err:
-            raise FileNotFoundError(
+            raise ModelNotAvailableError(
                 f"model package {self.distribution!r} is not installed; {self.install_hint}"
             ) from err
         for f in files:
             if f.name.endswith(self.suffix):
                 return Path(f.locate())
-        raise FileNotFoundError(f"no {self.suffix} file inside the installed package {self.distribution!r}")
+        raise ModelNotAvailableError(f"no {self.suffix} file inside the installed package {self.distribution!r}; "
+                                     f"reinstall it: {self.install_hint}")
 
 
 WHEEL_MODELS: dict[str, WheelModel] = {
@@ -64,7 +67,8 @@ def resolve_model_dir(name_or_path: str, cache_dir: str | os.PathLike[str]) -> P
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"{local} is a directory but has no config.json: not a Hugging Face model folder")
+            raise ModelNotAvailableError(f"base_model {str(local)!r} is a folder but has no config.json: not a Hugging "
+                                         f"Face model folder")
         return local
     if name_or_path not in WHEEL_MODELS:
         return _from_hub(name_or_path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,10 +24,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
-from search_r3.model.base_models import resolve_model_dir
+from search_r3.model.base_models import ModelNotAvailableError, resolve_model_dir
+from search_r3.model.errors import AdapterError
+from search_r3.model.progress import progress
 from search_r3.model.prompts import EMBED_TOKEN, PromptTemplates, Side
 
 log = logging.getLogger(__name__)
@@ -111,7 +115,8 @@ class EmbeddingLM(nn.Module):
             the embed token are never truncated).
         max_reasoning_tokens: cap on generated analysis tokens in reasoning mode.
         batch_size: texts per forward pass in :meth:`encode`.
-        show_progress: tqdm bar when :meth:`encode` gets more than a few batches.
+        show_progress: progress (a bar, or a log line every 30 s when not in a terminal) when :meth:`encode`
+            gets more than a few batches.
         gradient_checkpointing: recompute each decoder layer's activations in the backward pass instead of
             keeping them (training at paper scale: activation memory of one layer, ~30% more compute).
         merge_adapter: with an ``adapter`` and no ``lora`` (evaluation), merge the adapter into the weights,
@@ -146,21 +151,22 @@ class EmbeddingLM(nn.Module):
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.adapter_path = adapter
+        meta = _read_meta(adapter) if adapter else None  # a bad adapter folder fails before any weights load
         # Digest of the folder as loaded: result rows carry it, so two adapters saved at one path
         # (a retrained Stage 1) never read as the same checkpoint.
-        self.adapter_digest: str | None = _folder_digest(adapter) if adapter else None
+        self.adapter_digest: str | None = folder_digest(adapter) if adapter else None
         self.merged = adapter is not None and (merge_adapter or lora is not None)
         model_dir = resolve_model_dir(base_model, cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.chat_template is None:
-            raise ValueError(f"{model_dir}: the tokenizer has no chat template; search-r3 prompts need one")
+            raise ModelNotAvailableError(f"{model_dir}: the tokenizer has no chat template; search-r3 prompts need one "
+                                         f"(use an instruction-tuned model)")
         self.tokenizer.add_special_tokens({"additional_special_tokens": [EMBED_TOKEN]})
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.embed_token_id: int = self.tokenizer.convert_tokens_to_ids(EMBED_TOKEN)
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
         _add_embed_token_row(lm, self.embed_token_id)
-        meta = _read_meta(adapter) if adapter else None
         if adapter is not None:
             # With `lora` as well, the adapter is where training *starts*: it is merged into the base
             # weights and a fresh LoRA trains on top, so `disable_adapter()` gives exactly the loaded
@@ -216,12 +222,21 @@ class EmbeddingLM(nn.Module):
     def eval_mode(self) -> Iterator[None]:
         """Eval mode (no dropout) with gradients still on, restoring the previous mode afterwards: RL
         differentiates exactly the deterministic function that sampled and that test time embeds with."""
-        was_training = self.training
+        modes = [(m, m.training) for m in self.modules()]
         self.eval()
+        # Hugging Face checkpoints a decoder layer only while that layer is in training mode, so a plain
+        # eval() would silently switch gradient checkpointing off for RL. The layers themselves hold no
+        # dropout (their attention and MLP children stay in eval mode), so flagging them alone keeps it on.
+        # A checkpointed layer recomputes its forward during backward: run backward inside this context
+        # too, or the recomputation sees dropout the forward did not.
+        for layer in self.lm.modules():
+            if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing:
+                layer.training = True
         try:
             yield
         finally:
-            self.train(was_training)
+            for module, training in modes:  # exactly as before, so these contexts nest
+                module.training = training
 
     @contextmanager
     def inference(self) -> Iterator[None]:
@@ -336,12 +351,20 @@ class EmbeddingLM(nn.Module):
         vocabulary projection costs a few positions per row instead of the whole sequence. Returns
         ``(embeddings [B, d], logits [n, V])`` with the n targets being ``input_ids[response_mask]``.
         """
+        embeddings, hidden = self.embed_and_response_hidden(input_ids, attention_mask, response_mask)
+        return embeddings, self.lm.get_output_embeddings()(hidden)
+
+    def embed_and_response_hidden(
+        self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """As :meth:`embed_and_response_logits`, but the final hidden states ``[n, d]`` at the positions
+        that predict the response tokens, before the vocabulary projection: long RL responses project
+        them in chunks (:func:`~search_r3.lightning_modules.losses.chunked_token_scores`)."""
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         embeddings = self._read_embed_token(hidden, input_ids, attention_mask)
         predicting = torch.zeros_like(response_mask, dtype=torch.bool)
         predicting[:, :-1] = response_mask[:, 1:].bool()
-        logits = self.lm.get_output_embeddings()(hidden[predicting])
-        return embeddings, logits
+        return embeddings, hidden[predicting]
 
     def kl_targets(self, targets: Tensor) -> Tensor:
         """Mask of the response targets on which a KL to the reference (adapter disabled) is taken: all
@@ -368,7 +391,7 @@ class EmbeddingLM(nn.Module):
         starts = range(0, len(order), batch_size)
         show = self.show_progress and len(starts) > 4
         with self.inference():
-            for start in tqdm(starts, desc=f"encode {side}s", unit="batch", disable=not show):
+            for start in progress(starts, len(starts), f"encode {side}s", enabled=show):
                 idx = order[start : start + batch_size]
                 ids, mask = self.pad([seqs[i] for i in idx])
                 out[idx] = self.embed_at_token(ids, mask).cpu()
@@ -538,14 +561,21 @@ def _load_adapter_chain(lm: nn.Module, folder: Path, base_model: str, prompts: P
     _check_adapter(meta, str(folder), base_model, prompts)
     if meta.get("stacked_on"):
         lm = _load_adapter_chain(lm, folder / meta["stacked_on"], base_model, prompts, token_id, merge_top=True)
-    if meta.get("lora") is None:
-        row = torch.load(folder / TOKEN_ROW_FILE, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            lm.get_input_embeddings().weight[token_id] = row.to(lm.dtype)
-        return lm
-    from peft import PeftModel
+    try:
+        if meta.get("lora") is None:
+            row = torch.load(folder / TOKEN_ROW_FILE, map_location="cpu", weights_only=True)
+            with torch.no_grad():
+                lm.get_input_embeddings().weight[token_id] = row.to(lm.dtype)
+            return lm
+        from peft import PeftModel
 
-    lm = PeftModel.from_pretrained(lm, str(folder), is_trainable=False)
+        lm = PeftModel.from_pretrained(lm, str(folder), is_trainable=False)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        # a truncated or corrupt weights file: safetensors and torch.load raise these, with messages
+        # that do not name the folder
+        detail = (str(err).splitlines() or [""])[0][:200]
+        raise AdapterError(f"adapter folder {str(folder)!r}: its weights cannot be read ({type(err).__name__}: "
+                           f"{detail}); the file is corrupt or truncated: copy, re-export or retrain it") from err
     return lm.merge_and_unload() if merge_top else lm
 
 
@@ -571,15 +601,21 @@ def _copy_folder(source: Path, target: Path) -> None:
     tmp.rename(target)
 
 
-def _folder_digest(folder: str | None) -> str:
+def folder_digest(folder: str | Path | None) -> str:
+    """Content hash of every file in a folder (names and bytes, streamed): the one cache and checkpoint
+    key of the project. Sizes or dates would serve a retrained model of the same shape stale results.
+    (Recorded result rows carry these digests: the formula must not change.)"""
     if folder is None:
         return "no-adapter"
     h = hashlib.sha256()
     for f in sorted(Path(folder).rglob("*")):
         if f.is_file():
             h.update(f.name.encode())
-            h.update(f.read_bytes())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
     return h.hexdigest()[:16]
+
 
 
 def _check_adapter(meta: dict, adapter: str, base_model: str, prompts: PromptTemplates) -> None:
@@ -588,15 +624,27 @@ def _check_adapter(meta: dict, adapter: str, base_model: str, prompts: PromptTem
     same_folder = Path(trained_on).is_dir() and Path(base_model).is_dir() and \
         Path(trained_on).resolve() == Path(base_model).resolve()
     if trained_on != base_model and not same_folder:
-        raise ValueError(f"adapter {adapter!r} was trained on base model {meta.get('base_model')!r}, "
-                         f"not {base_model!r}")
+        raise AdapterError(f"adapter {adapter!r} was trained on base model {meta.get('base_model')!r}, "
+                           f"not {base_model!r}: set base_model to that model")
     if meta.get("prompts") and meta["prompts"] != asdict(prompts):
         log.warning("adapter %s was trained with other prompts than the ones configured now: %s", adapter,
                     {k: v for k, v in meta["prompts"].items() if asdict(prompts).get(k) != v})
 
 
 def _read_meta(adapter: str) -> dict:
-    path = Path(adapter) / META_FILE
+    """The adapter's ``search_r3.json``; every way a folder can be unusable is an :class:`AdapterError`
+    that says which (checked before the base model's weights load, so a typo costs no time)."""
+    folder = Path(adapter)
+    if not folder.exists():
+        raise AdapterError(f"adapter folder {adapter!r} does not exist (train one with `search-r3 fit`, or fix the "
+                           f"path; committed adapters are under checkpoints/)")
+    path = folder / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"adapter folder {adapter!r} has no {META_FILE}: not written by EmbeddingLM.save")
-    return json.loads(path.read_text())
+        raise AdapterError(f"adapter folder {adapter!r} has no {META_FILE}: not written by EmbeddingLM.save")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path}: corrupt adapter metadata ({err}); re-export or retrain the adapter") from err
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path}: corrupt adapter metadata (not a JSON object); re-export or retrain the adapter")
+    return meta

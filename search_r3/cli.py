@@ -15,6 +15,9 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from search_r3.model.errors import report_user_errors
+from search_r3.preflight import preflight
+
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
@@ -61,10 +64,21 @@ class SearchR3CLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {name: args for name, args in LightningCLI.subcommands().items() if name != "predict"}
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, then check, before anything loads (Lightning reads a ``--ckpt_path`` right after parsing,
+        and weights load after that): every output is writable and a resume checkpoint is readable."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
+        preflight(config.as_dict())
 
-def run_cli(args: list[str] | None = None) -> SearchR3CLI:
-    """Build and run the CLI; returns it so tests can inspect the trainer and model."""
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> SearchR3CLI:
+    """Build and run the CLI; returns it so tests can inspect the trainer and model. ``run=False``
+    builds trainer, model and data from a config without a subcommand (benchmarks drive the trainer)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Lightning advertises its cloud products ("💡 Tip: ...") on every run: nothing a user of ours needs
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in record.getMessage())
     # Lightning 2.6 warns about its own use of torch's LeafSpec on every run; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     return SearchR3CLI(
@@ -74,13 +88,17 @@ def run_cli(args: list[str] | None = None) -> SearchR3CLI:
         subclass_mode_data=True,
         save_config_callback=MLflowSaveConfig,
         save_config_kwargs={"overwrite": True},
+        # a config error raises (and main() prints it as one line) instead of printing the whole usage
+        parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in SearchR3CLI.subcommands()}},
         args=args,
+        run=run,
     )
 
 
 def main() -> None:
-    """Console-script entry: returns nothing, so the exit status is 0 on success."""
-    run_cli(None)  # LightningCLI reads sys.argv itself
+    """Console-script entry: returns nothing, so the exit status is 0 on success; a user error (bad
+    data, config, path, model or adapter) is one line on stderr and status 2 (``--debug``: traceback)."""
+    report_user_errors(lambda: run_cli(None))  # LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 from search_r3.datamodules.beir import BEIRDataModule, RetrievalTask
 from search_r3.datamodules.beir_files import judged_in_any_split
 from search_r3.evaluation.metrics import Run
+from search_r3.model.errors import report_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ def mine_negatives(dataset_dir: Path, split: str = "train", window: tuple[int, i
 
 
 def main(argv: list[str] | None = None) -> None:
+    report_user_errors(lambda: _main(argv), "search-r3-mine")
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="search-r3-mine", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, help="a BEIR folder (corpus, queries, qrels/)")
     parser.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings, close_response
+from search_r3.model.errors import AdapterError
 from search_r3.model.prompts import EMBED_TOKEN, PromptTemplates
 
 TEXTS = [
@@ -176,8 +177,10 @@ def test_bad_model_and_adapter_paths_are_named(tmp_path: Path, tiny_lm_dir: Path
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         EmbeddingLM(base_model=str(tmp_path / "empty"))
-    with pytest.raises(FileNotFoundError, match="search_r3.json"):
+    with pytest.raises(AdapterError, match="search_r3.json"):
         EmbeddingLM(base_model=str(tiny_lm_dir), adapter=str(tmp_path / "empty"))
+    with pytest.raises(AdapterError, match="does not exist"):
+        EmbeddingLM(base_model=str(tiny_lm_dir), adapter=str(tmp_path / "missing"))
 
 
 def test_prompt_templates_require_the_embed_token() -> None:
@@ -260,6 +263,34 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_lm_dir) -> None:
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_stays_on_in_rl_eval_mode(tiny_lm_dir) -> None:
+    """RL differentiates in ``eval_mode`` (no dropout). Hugging Face checkpoints a layer only while it is
+    in training mode, so this checks that the switch still saves memory there: far fewer tensors kept
+    for backward than without it, and the same gradients."""
+    saved, grads = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
+                            lora=LoraSettings(r=4, alpha=8, dropout=0.1), gradient_checkpointing=checkpointing)
+        model.train()
+        count = [0]
+
+        def pack(x: torch.Tensor, count: list[int] = count) -> torch.Tensor:
+            count[0] += x.numel()
+            return x
+
+        with model.eval_mode():  # forward and backward, as RLModule.training_step does
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                emb = model.embed(["vitamin D deficiency in the elderly", "who wrote hamlet"])
+            emb.sum().backward()
+        assert model.training  # restored
+        saved.append(count[0])
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert saved[1] < 0.5 * saved[0], f"checkpointing kept {saved[1]} of {saved[0]} saved elements in eval mode"
+    for name, g in grads[0].items():  # dropout 0.1 configured, yet both are deterministic (eval mode)
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)
 
 

@@ -11,9 +11,10 @@ import torch
 
 from search_r3.evaluation.dense_eval import gather_rows, ordered
 from search_r3.evaluation.metrics import build_run, evaluate_run, per_query
+from search_r3.evaluation.paired import main as paired_main
 from search_r3.evaluation.paired import paired_comparison, read_run
 from search_r3.evaluation.results_record import record_rows
-from search_r3.evaluation.run_files import write_trec_run
+from search_r3.evaluation.run_files import RunProvenance, read_provenance, write_trec_run
 from search_r3.evaluation.search import exact_topk
 
 # Graded qrels and a run whose trec_eval values are known (linear gain, trec_eval 9.0.7).
@@ -110,6 +111,29 @@ def test_results_record_keeps_a_bf16_and_an_fp32_run_of_one_command(tmp_path: Pa
     assert "| cpu, bf16 |" in md and "| cpu, fp32 |" in md
 
 
+def _record_many(path: str, worker: int, count: int) -> None:
+    for i in range(count):
+        record_rows([_row(retriever=f"w{worker}-{i}")], path)
+
+
+def test_results_record_keeps_every_row_of_concurrent_commands(tmp_path: Path) -> None:
+    """Four processes upserting 15 rows each into one file at once: all 60 rows survive (no lost update,
+    no half-written file read back), and the markdown agrees with the JSON."""
+    import multiprocessing
+
+    path = str(tmp_path / "results.json")
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_record_many, args=(path, w, 15)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert all(w.exitcode == 0 for w in workers)
+    rows = json.loads(Path(path).read_text())
+    assert sorted(r["retriever"] for r in rows) == sorted(f"w{w}-{i}" for w in range(4) for i in range(15))
+    assert Path(path).with_suffix(".md").read_text().count("| w") >= 60
+
+
 def test_paired_comparison_of_two_runs_read_back_from_trec_files(tmp_path: Path) -> None:
     # B ranks q1's best document first (nDCG 1) and misses q2 (nDCG 0): per query A - B is
     # 0.8597 - 1 and 0.3869 - 0, values known from the trec_eval case above.
@@ -123,8 +147,41 @@ def test_paired_comparison_of_two_runs_read_back_from_trec_files(tmp_path: Path)
     assert res.standard_error == pytest.approx(abs(diffs[0] - diffs[1]) / 2, abs=1e-4)  # n = 2: sd/sqrt(2)
     same = paired_comparison(QRELS, a, a)
     assert same.mean_difference == 0.0 and same.p_value == 1.0 and same.ties == 2
-    with pytest.raises(ValueError, match="different judged queries"):
-        paired_comparison(QRELS, a, {"q1": run_b["q1"]})
+    # a run with no line for q2 (no hit): q2 counts 0 for it, as in the table, and is reported missing
+    gap = paired_comparison(QRELS, a, {"q1": run_b["q1"]})
+    assert gap.num_queries == 2 and (gap.missing_a, gap.missing_b) == (0, 1)
+    assert gap.mean_b == pytest.approx(0.5, abs=1e-9)
+
+
+def _provenance(digest: str = "c0ffee", queries: tuple[str, ...] = ("q1", "q2")) -> RunProvenance:
+    return RunProvenance(dataset="toy", split="test", corpus_documents=9, corpus_size=9, corpus_digest=digest,
+                         capped=False, query_ids=queries)
+
+
+def test_paired_cli_scores_the_recorded_queries_and_refuses_other_corpora(tmp_path: Path, capsys) -> None:
+    """The sidecar says which queries a run was made for: one with no hit (no line in the file) counts 0,
+    the CLI prints how many; runs over different corpora or query sets are refused unless --force."""
+    qrels = tmp_path / "test.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{r}\n" for q, docs in QRELS.items()
+                                                             for d, r in docs.items()))
+    only_q1 = {"q1": RUN["q1"]}
+    a = write_trec_run(RUN, tmp_path / "a.trec", tag="a", provenance=_provenance())
+    b = write_trec_run(only_q1, tmp_path / "b.trec", tag="b", provenance=_provenance())
+    assert read_provenance(b) == _provenance()
+    paired_main([str(a), str(b), "--qrels", str(qrels), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert res["num_queries"] == 2 and res["missing_b"] == 1
+    assert res["mean_b"] == pytest.approx(per_query(QRELS, RUN)["q1"]["nDCG@10"] / 2, abs=1e-9)
+    other = write_trec_run(RUN, tmp_path / "c.trec", tag="c", provenance=_provenance(digest="capped"))
+    with pytest.raises(SystemExit) as stop:
+        paired_main([str(a), str(other), "--qrels", str(qrels)])
+    assert stop.value.code == 2 and "different corpora" in capsys.readouterr().err
+    paired_main([str(a), str(other), "--qrels", str(qrels), "--force"])
+    assert "warning: different corpora" in capsys.readouterr().err
+    fewer = write_trec_run(RUN, tmp_path / "d.trec", tag="d", provenance=_provenance(queries=("q1",)))
+    with pytest.raises(SystemExit):
+        paired_main([str(a), str(fewer), "--qrels", str(qrels)])
+    assert "different query sets" in capsys.readouterr().err
 
 
 def test_gather_rows_merges_ranks_and_drops_padding_duplicates() -> None:
@@ -192,3 +249,19 @@ def test_rows_say_whether_an_adapter_was_trained_on_the_dataset(tmp_path: Path) 
     assert "protocol" not in rows["trec-covid"]
     md = path.with_suffix(".md").read_text()
     assert "scifact train (in-domain)" in md and "scifact train (cross-domain)" in md
+
+
+def test_results_md_starts_with_one_current_row_per_system(tmp_path: Path) -> None:
+    """The current table keeps the latest row per identity (the same measurement by two commands shows
+    once; another adapter digest or another corpus size is another system); the history keeps all."""
+    path = tmp_path / "results.json"
+    record_rows([_row(command="a", date="2026-11-01"), _row(command="b", date="2026-11-02", **{"nDCG@10": 0.55}),
+                 _row(retriever="sft", mode="direct", checkpoint="x", checkpoint_digest="d1"),
+                 _row(retriever="sft", mode="direct", checkpoint="x", checkpoint_digest="d2"),
+                 _row(command="c", num_docs=1000, date="2026-11-03")], path)
+    md = path.with_suffix(".md").read_text()
+    current, history = md.split("## Full history")
+    assert "## Current results (4 systems)" in current and "(5 rows)" in history
+    assert "| 0.5500 |" in current and "`a`" not in current  # the later bm25 row of the same identity
+    assert "@d1" in current and "@d2" in current and "1000 of 5183" in current
+    assert "`a`" in history and "`b`" in history

@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
-from search_r3.lightning_modules.losses import cached_info_nce, info_nce_loss, response_lm_loss, token_kl, triplet_margin_loss
+from search_r3.lightning_modules.losses import (
+    cached_info_nce,
+    chunked_token_scores,
+    info_nce_loss,
+    reference_token_logp,
+    response_lm_loss,
+    token_kl,
+    triplet_margin_loss,
+)
 
 
 def test_info_nce_hand_computed() -> None:
@@ -68,6 +76,72 @@ def test_token_kl_hand_computed() -> None:
 QUERIES = ["vitamin D and bone", "who wrote Hamlet", "elderly patients", "tragedy"]
 DOCS = ["Vitamin D deficiency in elderly patients.", "Hamlet is a tragedy by William Shakespeare.",
         "Patients over 80 years.", "A tragedy written around 1600.", "Bone density.", "Who wrote it?"]
+
+
+def _full_vocabulary_scores(hidden, head, ref_hidden, ref_head, targets, t):
+    """What the chunked scores must equal: every logit of every token at once."""
+    logp_all = F.log_softmax(head(hidden).float() / t, -1)
+    logq_all = F.log_softmax(ref_head(ref_hidden).float() / t, -1)
+    logp = logp_all.gather(1, targets[:, None]).squeeze(1)
+    logq = logq_all.gather(1, targets[:, None]).squeeze(1)
+    exact = (logp_all.exp() * (logp_all - logq_all)).sum(-1)
+    k3 = (logq - logp).exp() - (logq - logp) - 1
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, exact, k3, entropy
+
+
+@pytest.mark.parametrize("estimator", ["exact", "k3"])
+def test_chunked_token_scores_equal_the_full_vocabulary_computation(estimator: str) -> None:
+    """Values and gradients (into the hidden states and the head) match the one-shot computation for
+    chunk sizes that divide n, do not, and exceed it."""
+    torch.manual_seed(0)
+    n, d, v, t = 7, 5, 11, 0.7
+    head, ref_head = torch.nn.Linear(d, v, bias=False), torch.nn.Linear(d, v, bias=False)
+    hidden0, ref_hidden = torch.randn(n, d), torch.randn(n, d)
+    targets = torch.randint(0, v, (n,))
+    hidden = hidden0.clone().requires_grad_(True)
+    logp, exact, k3, entropy = _full_vocabulary_scores(hidden, head, ref_hidden, ref_head, targets, t)
+    kl = exact if estimator == "exact" else k3
+    (logp.sum() + 2 * kl.sum()).backward()
+    want_hidden, want_head = hidden.grad.clone(), head.weight.grad.clone()
+    for chunk in (1, 3, 7, 100, None):
+        head.weight.grad = None
+        hidden = hidden0.clone().requires_grad_(True)
+        reference = ref_hidden if estimator == "exact" else reference_token_logp(ref_hidden, ref_head, targets, t, 2)
+        got = chunked_token_scores(hidden, head, targets, t, reference, ref_head, estimator, chunk_rows=chunk)
+        torch.testing.assert_close(got.logp, logp.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.kl, kl.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.entropy, entropy.detach(), atol=1e-6, rtol=0)
+        assert not got.entropy.requires_grad
+        (got.logp.sum() + 2 * got.kl.sum()).backward()
+        torch.testing.assert_close(hidden.grad, want_hidden, atol=1e-6, rtol=0)
+        # the head's gradient is summed over chunks in another order: fp32 rounding of a sum of n terms
+        torch.testing.assert_close(head.weight.grad, want_head, atol=1e-5, rtol=0)
+    same = chunked_token_scores(hidden0, head, targets, t, hidden0 if estimator == "exact" else
+                                reference_token_logp(hidden0, head, targets, t), head, estimator)
+    assert float(same.kl.detach().abs().max()) < 1e-6  # policy = reference: no divergence
+
+
+def test_chunked_token_scores_never_keep_all_logits_for_backward() -> None:
+    """The point of chunking: autograd saves the chunk's inputs, not its [chunk, V] logits, so what the
+    backward pass holds does not grow with n × V (it would without the per-chunk checkpoint)."""
+    torch.manual_seed(0)
+    n, d, v = 64, 8, 4096
+    head = torch.nn.Linear(d, v, bias=False)
+    hidden = torch.randn(n, d, requires_grad=True)
+    ref = torch.randn(n, d)
+    targets = torch.randint(0, v, (n,))
+    saved: list[int] = []
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        saved.append(x.numel())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        scores = chunked_token_scores(hidden, head, targets, 1.0, ref, head, "exact", chunk_rows=8)
+    assert max(saved) < 8 * v, f"a saved tensor of {max(saved)} elements: logits kept for backward"
+    (scores.logp.sum() + scores.kl.sum()).backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
 
 
 def test_cached_info_nce_equals_plain_in_loss_and_gradients(tiny_lm_dir: Path) -> None:

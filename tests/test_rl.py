@@ -96,11 +96,11 @@ def test_one_update_is_finite_and_reaches_lora_and_the_token_row(tiny_lm_dir: Pa
     for i, p in enumerate(prompts):
         assert not r["policy"][i, : len(p)].any(), "a prompt token is in the policy mask"
         assert r["policy"][i].any()
-    emb, logp, logits = module._forward(r)
+    emb, logp, tokens = module._forward(r)
     positives = [env.positions(p) for p in batch["positives"] for _ in range(4)]
     rewards = torch.linspace(0, 1, len(positives))  # distinct rewards, non-zero advantages: every term acts
     adv = group_advantages(rewards, 4)
-    terms = module.losses(r, emb, logp, logits, adv, positives, rewards)
+    terms = module.losses(r, emb, logp, tokens, adv, positives, rewards)
     total = terms["policy"] + terms["kl"] + terms["embed"]
     assert all(torch.isfinite(v) for v in terms.values()) and float(terms["kl"]) == pytest.approx(0.0, abs=1e-5)
     total.backward()
@@ -281,10 +281,10 @@ def test_stage2_starts_from_stage1_and_is_anchored_to_it(tiny_lm_dir: Path, mini
     env = module.build_environment(data.corpus_texts, data.corpus_ids)
     batch = next(iter(data.train_dataloader()))
     r = module.rollout(batch["query"])
-    emb, logp, logits = module._forward(r)
+    emb, logp, tokens = module._forward(r)
     positives = [env.positions(p) for p in batch["positives"] for _ in range(4)]
     rewards = torch.linspace(0, 1, len(positives))
-    terms = module.losses(r, emb, logp, logits, group_advantages(rewards, 4), positives, rewards)
+    terms = module.losses(r, emb, logp, tokens, group_advantages(rewards, 4), positives, rewards)
     assert float(terms["kl"]) == 0.0
     # The RL adapter loads for `search-r3 test` on its own, Stage 1 inside it, and embeds as the policy.
     perturb_trainable(encoder, 0.1, noise=True)
@@ -297,9 +297,9 @@ def test_stage2_starts_from_stage1_and_is_anchored_to_it(tiny_lm_dir: Path, mini
     digest = tested.adapter_digest
     (tmp_path / "rl" / "base_adapter" / "adapter_model.safetensors").write_bytes(
         (tmp_path / "sft" / "adapter_model.safetensors").read_bytes()[:-8] + b"\0" * 8)
-    from search_r3.model.embedding_lm import _folder_digest
+    from search_r3.model.embedding_lm import folder_digest
 
-    assert _folder_digest(str(tmp_path / "rl")) != digest
+    assert folder_digest(str(tmp_path / "rl")) != digest
 
 
 def test_rollout_scores_the_sampled_stop_token_at_the_sampling_temperature(tiny_lm_dir: Path, tmp_path: Path) -> None:

@@ -159,8 +159,8 @@ def test_known_positives_of_other_rows_are_masked_on_real_nfcorpus(tiny_lm, data
     relevant: dict[str, set[str]] = {}
     with open(data_root / "beir" / "nfcorpus" / "qrels" / "train.tsv") as fh:
         for row in csv.DictReader(fh, delimiter="\t"):
-            if int(row["score"]) > 0:
-                relevant.setdefault(row["query-id"], set()).add(row["corpus-id"])
+            if int(row["score"]) > 0:  # training ids are namespaced by dataset (datamodules/training_rows.py)
+                relevant.setdefault(f"nfcorpus/{row['query-id']}", set()).add(f"nfcorpus/{row['corpus-id']}")
     rows, masked = dm.rows, 0
     for batch_rows in list(iter(dm.train_dataloader().batch_sampler))[:20]:
         items = [dm.train_dataloader().dataset[i] for i in batch_rows]

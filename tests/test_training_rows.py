@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+import json
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,46 @@ def test_resume_skips_the_batches_already_trained_once(nfcorpus_rows) -> None:
     assert list(sampler) == whole  # and only that pass: the next one is the whole epoch again
     sampler.resume(0, 2)
     assert list(sampler) == whole  # a resume point for another epoch leaves this one alone
+
+
+def _toy_dataset(root: Path, name: str, words: str) -> None:
+    """A BEIR folder whose ids (documents 1-6, queries 1-3) clash with every other toy dataset's."""
+    folder = root / "beir" / name
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": str(i), "title": "", "text": f"{words} document {i}"}) + "\n" for i in range(1, 7)))
+    (folder / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": str(q), "text": f"{words} query {q}"}) + "\n" for q in range(1, 4)))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{q}\t1\n" for q in range(1, 4)))
+    (root / "train").mkdir(exist_ok=True)
+    (root / "train" / f"{name}_train_triples.jsonl").write_text("".join(
+        json.dumps({"query_id": str(q), "query": f"{words} query {q}", "pos_id": str(q), "neg_ids": [str(q + 3)]})
+        + "\n" for q in range(1, 4)))
+
+
+def test_two_datasets_with_clashing_ids_keep_their_own_texts_masks_and_keys(tmp_path: Path) -> None:
+    """Query 1 and document 1 exist in both corpora: after namespacing, each row's texts are its own
+    corpus's, a query's known positives are only its dataset's, and the sampler may put scifact/1 and
+    nfcorpus/1 in one batch (they are different documents)."""
+    from search_r3.datamodules.contrastive import ContrastiveDataModule, known_positive_mask
+
+    _toy_dataset(tmp_path, "alpha", "apple")
+    _toy_dataset(tmp_path, "beta", "banana")
+    data = ContrastiveDataModule(data_root=str(tmp_path), train_files=["train/alpha_train_triples.jsonl",
+                                                                       "train/beta_train_triples.jsonl"],
+                                 num_negatives=1, batch_size=4, val_queries=1, val_corpus_docs=6)
+    data.setup("fit")
+    assert {r.query_id for r in data.rows} == {"alpha/2", "alpha/3", "beta/2", "beta/3"}  # query 1: validation
+    for row in data.rows:
+        dataset = row.query_id.split("/")[0]
+        words = {"alpha": "apple", "beta": "banana"}[dataset]
+        assert data.texts[row.pos_id] == f"{words} document {row.pos_id.split('/')[1]}"
+        assert all(data.texts[n].startswith(words) for n in row.neg_ids)
+    relevant = data.collator.relevant
+    assert relevant["alpha/2"] == {"alpha/2"} and relevant["beta/2"] == {"beta/2"}
+    # beta's document 2 is not a known positive of alpha's query 2, though their raw ids are equal
+    mask = known_positive_mask(["alpha/2"], ["alpha/3", "beta/2"], [0], relevant)
+    assert not mask.any()
+    keys = [r.keys(1) for r in data.rows]
+    assert not set.intersection(*[k for k, r in zip(keys, data.rows) if r.query_id.endswith("/2")])
