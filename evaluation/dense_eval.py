@@ -80,10 +80,12 @@ def _unique_first(indices: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def score_task(
-    task: RetrievalTask, doc_embeddings: Tensor, query_embeddings: Tensor, top_k: int, measures: list[str]
+    task: RetrievalTask, doc_embeddings: Tensor, query_embeddings: Tensor, top_k: int, measures: list[str],
+    device: torch.device | str | None = None,
 ) -> tuple[dict[str, float], Run]:
-    """Exact search of every query against the task's corpus, scored with ir-measures."""
-    scores, idx = exact_topk(query_embeddings, doc_embeddings, k=top_k + 1)  # +1: room for an identical id
+    """Exact search of every query against the task's corpus (on ``device``), scored with ir-measures."""
+    # +1: room for an identical id
+    scores, idx = exact_topk(query_embeddings, doc_embeddings, k=top_k + 1, device=device)
     run = build_run(list(task.queries), task.doc_ids, scores, idx)
     run = {q: dict(list(docs.items())[:top_k]) for q, docs in run.items()}
     return score_run(task, run, measures), run

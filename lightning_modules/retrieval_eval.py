@@ -217,7 +217,7 @@ class RetrievalEvalModule(L.LightningModule):
                     start = time.perf_counter()
                     if docs is not None:
                         queries = self._collect((i, task.name, "query", mode), len(task.queries), f"{task.name} queries")
-                        metrics_, run = score_task(task, docs, queries, self.top_k, self.measures)
+                        metrics_, run = score_task(task, docs, queries, self.top_k, self.measures, self.device)
                     else:
                         run = retriever.search(task, self.top_k)
                         metrics_ = score_run(task, run, self.measures)

@@ -39,6 +39,9 @@ class MLflowSaveConfig(SaveConfigCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.already_saved:
             return
+        if not trainer.loggers:  # `logger: false`: no run to keep it in; do not litter the working folder
+            self.already_saved = True
+            return
         if trainer.log_dir is not None and not any(isinstance(lg, MLFlowLogger) for lg in trainer.loggers):
             super().setup(trainer, pl_module, stage)
             return

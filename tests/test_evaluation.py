@@ -55,6 +55,12 @@ def test_exact_topk_equals_brute_force_across_chunks() -> None:
     ref_s, ref_i = (queries @ docs.T).topk(10, dim=1)
     torch.testing.assert_close(scores, ref_s)
     assert torch.equal(idx, ref_i)
+    # on each device this machine has (the GPU where there is one): same ranking, results on the CPU
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        on_device, idx_device = exact_topk(queries, docs.to(torch.bfloat16), k=10, doc_chunk=97, device=device)
+        assert on_device.device.type == "cpu" and idx_device.device.type == "cpu"
+        ref_bf16 = (queries @ docs.to(torch.bfloat16).float().T).topk(10, dim=1)
+        torch.testing.assert_close(on_device, ref_bf16.values, atol=1e-5, rtol=0)
     s, i = exact_topk(queries, docs[:5], k=10)  # k larger than the corpus
     assert s.shape == (37, 5)
     with pytest.raises(ValueError, match="shape mismatch"):
