@@ -85,7 +85,7 @@ def iter_jsonl(path: Path, report: ReadReport | None = None, on_bad_row: OnBadRo
         except json.JSONDecodeError as err:
             # json's messages may end in "at" ("Unterminated string starting at"): the position follows
             reason = err.msg.removesuffix(" at")
-            raise DataFormatError(f"{path}:{lineno}: not valid JSON ({reason}, column {err.colno})") from err
+            raise DataFormatError(f"{path}:{lineno}: not valid JSON ({reason} at column {err.colno})") from err
         if not isinstance(obj, dict):
             raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj

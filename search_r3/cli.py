@@ -84,6 +84,8 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> SearchR3CLI:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in record.getMessage())
     # Lightning 2.6 warns about its own use of torch's LeafSpec on every run; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # CorpusStream shards by rank and worker itself, so its length (for progress bars) is right
+    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
     return SearchR3CLI(
         model_class=L.LightningModule,
         datamodule_class=L.LightningDataModule,

@@ -112,7 +112,7 @@ def _skip(reason: str) -> str:
 
 
 CASES = {
-    "corpus line not JSON": (_not_json, r"corpus\.jsonl:3: not valid JSON \(Unterminated string starting, column 22\)$"),
+    "corpus line not JSON": (_not_json, r"corpus\.jsonl:3: not valid JSON \(Unterminated string starting at column 22\)$"),
     "judgement names an unknown document": (
         _unknown_document, r"qrels/test\.tsv:\d+: " + _skip("judgement names a document missing from corpus.jsonl")),
     "empty query": (_empty_query, r"queries\.jsonl:1: " + _skip("empty query")),
