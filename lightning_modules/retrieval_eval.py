@@ -313,11 +313,12 @@ class RetrievalEvalModule(L.LightningModule):
         out = Path(self.output_dir) / time.strftime("%Y%m%d-%H%M%S")
         out.mkdir(parents=True, exist_ok=True)
         tasks = {task.name: task for task in self.trainer.datamodule.tasks}
+        digests = {name: corpus_digest(task) for name, task in tasks.items()}  # one pass over each corpus
         artifacts = []
         for (label, name), run in runs.items():
             task = tasks[name]
             provenance = RunProvenance(dataset=name, split=task.split, corpus_documents=task.num_docs,
-                                       corpus_size=task.corpus_size, corpus_digest=corpus_digest(task),
+                                       corpus_size=task.corpus_size, corpus_digest=digests[name],
                                        capped=task.capped, query_ids=tuple(task.queries))
             run_file = write_trec_run(run, out / f"run.{name}.{label}.trec", tag=label, provenance=provenance)
             artifacts += [run_file, meta_path(run_file)]

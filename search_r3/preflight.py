@@ -10,6 +10,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from search_r3.model.errors import RunSetupError
 
@@ -48,11 +49,12 @@ def _writable(path: Path, what: str) -> None:
 
 def tracking_path(uri: str) -> Path | None:
     """The local file or folder behind an MLflow tracking URI (None for a server)."""
-    if uri.startswith("sqlite:///"):
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
         return Path(uri[len("sqlite:///"):])
-    if uri.startswith("file:"):
-        return Path(uri[len("file:"):].lstrip("/") if uri.startswith("file:./") else uri[len("file://"):] or ".")
-    if "://" not in uri:
+    if parsed.scheme == "file":
+        return Path(parsed.netloc + parsed.path or ".")
+    if not parsed.scheme:
         return Path(uri)
     return None
 
