@@ -123,6 +123,11 @@ class ContrastiveDataModule(L.LightningDataModule):
         self.rows: list[TrainingRow] = []
         self.validation: BEIRDataModule | None = None
 
+    def training_sources(self) -> list[tuple[str, Path]]:
+        """(name, file) of what trains the model, for a run's record of its inputs."""
+        return [(f"{Path(rel).name.split('_train_triples')[0]}/train-triples", self.data_root / rel)
+                for rel in self.train_files]
+
     def setup(self, stage: str | None = None) -> None:
         if self.rows:
             return

@@ -19,7 +19,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from search_r3.datamodules.beir import BEIRDataModule, RetrievalTask
-from search_r3.datamodules.beir_files import DataFormatError
+from search_r3.datamodules.beir_files import DataFormatError, find_file
 from search_r3.datamodules.training_rows import NoDuplicatesBatchSampler, resumable_loader
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,13 @@ class RLQueryDataModule(L.LightningDataModule):
         self.corpus_texts = self.task.load_texts()
         log.info("%s/%s: %d training queries, environment corpus of %d documents%s", self.task.name, self.split,
                  len(self.train_query_ids), len(self.corpus_texts), " (capped)" if self.task.capped else "")
+
+    def training_sources(self) -> list[tuple[str, Path]]:
+        """(name, file) of what trains the model, for a run's record of its inputs: the judgements that
+        pick the training queries and reward them, and the environment's corpus."""
+        folder = self.data_root / self.dataset
+        return [(f"{folder.name}/{self.split}-qrels", find_file(folder / "qrels", f"{self.split}.tsv")),
+                (f"{folder.name}/corpus", find_file(folder, "corpus.jsonl"))]
 
     @property
     def corpus_ids(self) -> list[str]:

@@ -22,7 +22,8 @@ from search_r3.datamodules.beir import RetrievalTask
 from search_r3.datamodules.beir_files import iter_corpus
 from search_r3.evaluation.distributed import world_and_rank
 from search_r3.model.base_models import ModelNotAvailableError
-from search_r3.model.embedding_lm import EmbeddingLM, Mode, folder_digest
+from search_r3.model.digests import folder_digest, hash_file
+from search_r3.model.embedding_lm import EmbeddingLM, Mode
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ class SentenceTransformerRetriever(DenseRetriever):
         from sentence_transformers import SentenceTransformer
 
         self.model_path = _sentence_transformer_path(model)
+        # The folder's content as loaded, hashed once (~90 MB: too slow for every cache lookup)
+        self.model_digest = folder_digest(self.model_path)
         self.model = SentenceTransformer(str(self.model_path), device="cpu")
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
@@ -130,7 +133,7 @@ class SentenceTransformerRetriever(DenseRetriever):
         return _short_dtype(next(self.model.parameters()).dtype)
 
     def fingerprint(self) -> str:
-        return f"st|{self.model_path.name}|{self.model.max_seq_length}|{folder_digest(self.model_path)}"
+        return f"st|{self.model_path.name}|{self.model.max_seq_length}|{self.model_digest}"
 
     def _encode(self, texts: list[str]) -> Tensor:
         emb = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
@@ -162,9 +165,7 @@ def _sentence_transformer_path(model: str) -> Path:
 def corpus_digest(task: RetrievalTask) -> str:
     """Content hash of the task's corpus file plus the document selection (capped runs)."""
     h = hashlib.sha256()
-    with open(task.corpus_path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    hash_file(task.corpus_path, h)
     if task.keep_docs is not None:
         h.update("\n".join(task.doc_ids).encode())
     return h.hexdigest()[:16]

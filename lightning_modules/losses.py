@@ -57,33 +57,6 @@ def triplet_margin_loss(queries: Tensor, positives: Tensor, negatives: Tensor, m
     )
 
 
-def response_lm_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
-    """Next-token cross-entropy on the masked (response) positions only.
-
-    ``logits[:, t]`` predicts ``labels[:, t]``; the caller shifts once, so the LM loss and the KL below
-    see the same positions.
-    """
-    picked = mask.bool()
-    return F.cross_entropy(logits[picked].float(), labels[picked])
-
-
-def token_kl(policy_logits: Tensor, reference_logits: Tensor, mask: Tensor,
-             reduce: Callable[[float], float] | None = None) -> Tensor:
-    """Mean over masked tokens of KL(p_policy ‖ p_reference), computed exactly over the vocabulary
-    (0 when no token is masked in, rather than the NaN of an empty mean).
-
-    ``reduce`` maps this batch's token count to the count the mean divides by (under DDP: the sum over
-    ranks, so the ranks' shares add up to the global mean); it is called on every rank, empty or not."""
-    picked = mask.bool()
-    count = float(picked.sum())
-    total = reduce(count) if reduce is not None else count
-    if total == 0 or count == 0:
-        return policy_logits.sum() * 0.0
-    logp = F.log_softmax(policy_logits[picked].float(), dim=-1)
-    logq = F.log_softmax(reference_logits[picked].float(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1).sum() / total
-
-
 KLEstimator = Literal["exact", "k3"]
 
 
@@ -173,8 +146,10 @@ def reference_token_logp(hidden: Tensor, head: Callable[[Tensor], Tensor], targe
 
 
 def masked_token_mean(values: Tensor, reduce: Callable[[float], float] | None = None) -> Tensor:
-    """Sum of ``values`` over this rank's tokens divided by the token count (under DDP, through
-    ``reduce``, the count summed over ranks, as in :func:`token_kl`); 0 without tokens."""
+    """Sum of ``values`` over this rank's tokens divided by the token count: ``reduce`` maps this rank's
+    count to the one the mean divides by (under DDP the sum over ranks, so the ranks' shares add up to
+    the global mean; it is called on every rank, empty or not); 0 without tokens, not the NaN of an
+    empty mean."""
     count = float(values.numel())
     total = reduce(count) if reduce is not None else count
     if total == 0 or count == 0:
@@ -196,7 +171,7 @@ def multi_positive_info_nce(queries: Tensor, candidates: Tensor, relevant: Tenso
         relevant / valid: ``[R, C]`` bool masks (``valid`` False marks padding).
         weights: optional ``[R]`` non-negative row weights (e.g. positive advantages); normalised to sum 1.
         reduce: maps this batch's weight sum to the normaliser (under DDP the sum over ranks), as in
-            :func:`token_kl`.
+            :func:`masked_token_mean`.
     """
     logits = torch.einsum("rd,rcd->rc", queries, candidates.to(queries.dtype)) / tau
     logits = logits.masked_fill(~valid, float("-inf"))
@@ -256,7 +231,7 @@ def grpo_policy_loss(logp: Tensor, advantages: Tensor, mask: Tensor, informative
         logp: ``[R, T]`` log-probabilities of the policy tokens (0 elsewhere).
         advantages: ``[R]``. mask: ``[R, T]`` True on policy tokens. informative: ``[R]`` bool.
         reduce: maps this batch's count (rollouts or tokens) to the one the mean divides by (under DDP
-            the sum over ranks), as in :func:`token_kl`.
+            the sum over ranks), as in :func:`masked_token_mean`.
     """
     if norm not in ("sequence", "token", "constant"):
         raise ValueError(f"unknown loss normalisation {norm!r}: use sequence, token or constant")

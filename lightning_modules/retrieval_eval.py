@@ -3,10 +3,11 @@
 The test loop streams each task's documents, then its queries (see ``BEIRDataModule``). Dense
 retrievers encode them here (document embeddings are cached on disk, keyed by the retriever's
 fingerprint and the corpus content); lexical ones (BM25) index the corpus file themselves. At the end
-of the epoch every (retriever, mode, task) is searched and scored with ir-measures, logged as
-``test/<task>/<retriever>[.<mode>]/<measure>``, and reported: TREC run files, ``metrics.json``, a
-markdown table and a bar chart as artifacts, a table on the console and, only when asked
-(``record_results``), rows in ``docs/results.json``.
+of the epoch every (retriever, mode, task) is searched and scored with ir-measures and reported: in
+MLflow one child run per row with uniform keys (``test/nDCG_at_10``; see ``evaluation/mlflow_runs.py``)
+under the command's run, which keeps TREC run files, ``metrics.json``, a markdown table and a bar
+chart as artifacts; other loggers get ``test/<task>/<retriever>[.<mode>]/<measure>`` keys; a table on
+the console and, only when asked (``record_results``), rows in ``docs/results.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from search_r3.datamodules.beir import RetrievalTask
 from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, score_run, score_task
 from search_r3.evaluation.distributed import gather_objects
 from search_r3.evaluation.metrics import DEFAULT_MEASURES
+from search_r3.evaluation.mlflow_runs import log_dataset_inputs, log_row_runs, task_ref, ui_path
 from search_r3.evaluation.report import (
     ResultRow,
     print_table,
@@ -40,15 +42,15 @@ from search_r3.evaluation.report import (
 from search_r3.evaluation.results_record import record_rows
 from search_r3.evaluation.retrievers import DenseRetriever, Retriever, corpus_digest
 from search_r3.evaluation.run_files import RunProvenance, meta_path, write_trec_run
+from search_r3.model.embedding_lm import ReasoningRecord
 from search_r3.model.progress import ProgressLine
 
 log = logging.getLogger(__name__)
 
 
-def _reasoning_log(retriever: Retriever) -> list[tuple[int, bool]]:
-    """(analysis tokens, embed token appended) of every reasoning-mode query the retriever encoded."""
-    encoder = getattr(retriever, "encoder", None)
-    return list(zip(getattr(encoder, "reasoning_lengths", []), getattr(encoder, "reasoning_missing", [])))
+def _reasoning_log(retriever: Retriever) -> list[ReasoningRecord]:
+    """Every reasoning-mode query the retriever's model encoded (empty for other retrievers)."""
+    return getattr(getattr(retriever, "encoder", None), "reasoning_log", [])
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -147,8 +149,9 @@ class RetrievalEvalModule(L.LightningModule):
         self.store = EmbeddingStore()
         self.rows: list[ResultRow] = []
         self._seconds: dict[tuple, float] = defaultdict(float)
-        # per reasoning query (by index): analysis tokens and whether the embed token was appended
-        self._reasoning: dict[tuple, dict[int, tuple[int, bool]]] = defaultdict(dict)
+        # per reasoning query (by index): what the model wrote before its embedding
+        self._reasoning: dict[tuple, dict[int, ReasoningRecord]] = defaultdict(dict)
+        self._samples: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (dataset, row label) -> analyses
         self._cached: dict[tuple[int, str], torch.Tensor] = {}
         self.partial_save_s = partial_save_s
         self._resumed: dict[tuple[int, str], set[int]] = {}  # document indices taken from a partial file
@@ -161,6 +164,7 @@ class RetrievalEvalModule(L.LightningModule):
         self.rows = []
         self._seconds.clear()
         self._reasoning.clear()
+        self._samples = {}
         self._cached = {}
         self._resumed = {}
         self._partial = {}
@@ -227,8 +231,12 @@ class RetrievalEvalModule(L.LightningModule):
                         # every rank's queries (a query a sampler padded in twice counts once)
                         merged = {k: v for part in gather_objects(self._reasoning[(i, task.name, mode)])
                                   for k, v in part.items()}
-                        row.reasoning = reasoning_length_stats([n for n, _ in merged.values()],
-                                                               sum(m for _, m in merged.values()))
+                        records = [merged[k] for k in sorted(merged)]
+                        row.reasoning = reasoning_length_stats([r.tokens for r in records],
+                                                               sum(r.appended for r in records))
+                        self._samples[(task.name, row.label)] = [
+                            {"query": r.query, "analysis": r.analysis, "analysis_tokens": r.tokens,
+                             "embed_token_appended": r.appended} for r in records]
                     self.rows.append(row)
                     runs[(row.label, task.name)] = run
                     metrics.update({metric_key("test", task.name, row.label, k): v for k, v in metrics_.items()})
@@ -236,9 +244,11 @@ class RetrievalEvalModule(L.LightningModule):
                     for key, value in (row.reasoning or {}).items():
                         metrics[metric_key("test", task.name, row.label, key)] = value
         if self.trainer.is_global_zero:
-            # Straight to the loggers: self.log would print one duplicate column per dataloader.
+            # Straight to the loggers: self.log would print one duplicate column per dataloader. MLflow
+            # gets a child run per row instead (in _report), whose keys line up across retrievers.
             for logger in self.trainer.loggers:
-                logger.log_metrics(metrics, step=self.global_step)
+                if not isinstance(logger, MLFlowLogger):
+                    logger.log_metrics(metrics, step=self.global_step)
             self._report(runs)
 
     def _documents(self, i: int, retriever: DenseRetriever, task: RetrievalTask) -> torch.Tensor:
@@ -331,13 +341,19 @@ class RetrievalEvalModule(L.LightningModule):
         params: dict[str, Any] = {f"retriever/{r.name}": r.fingerprint() for r in self.retrievers}
         for task in self.trainer.datamodule.tasks:
             params.update({f"data/{task.name}/{k}": v for k, v in task.describe().items()})
+        datasets = {name: task_ref(task, digests[name]) for name, task in tasks.items()}
+        children: list[str] = []
         for logger in self.trainer.loggers:
             logger.log_hyperparams(params)
             if isinstance(logger, MLFlowLogger):
+                client = logger.experiment
                 for path in artifacts:
-                    logger.experiment.log_artifact(logger.run_id, str(path))
+                    client.log_artifact(logger.run_id, str(path))
+                log_dataset_inputs(client, logger.run_id, list(datasets.values()))
+                children = log_row_runs(client, logger.run_id, self.rows, datasets, self._samples)
         if self.record_results:
             log.info("recorded %d rows in %s", len(records), record_rows(records, self.results_file))
         mlflow = [lg for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)]
-        print(f"outputs: {out}" + (f"; MLflow run {mlflow[0].run_id} (browse: mlflow ui --backend-store-uri "
-                                   f"{mlflow[0].experiment.tracking_uri})" if mlflow else ""))
+        print(f"outputs: {out}" + (f"; MLflow run {mlflow[0].run_id} with {len(children)} child runs, one per row "
+                                   f"(browse: mlflow ui --backend-store-uri {mlflow[0].experiment.tracking_uri}, then "
+                                   f"{ui_path(mlflow[0].experiment_id, mlflow[0].run_id)})" if mlflow else ""))

@@ -247,7 +247,7 @@ class RLModule(AdapterTrainingModule):
                     reference = reference_token_logp(ref_hidden, head, targets, self.temperature,
                                                      self.logit_chunk_rows)
             if self.kl_estimator == "exact":
-                reference, reference_head = ref_hidden, self._reference_head
+                reference, reference_head = ref_hidden, self.encoder.reference_logits
         with self.encoder.eval_mode():  # no dropout: see the module docstring
             emb, hidden = self.encoder.embed_and_response_hidden(r["input_ids"], r["attention_mask"], r["policy"])
             tokens = chunked_token_scores(hidden, head, targets, self.temperature, reference, reference_head,
@@ -256,10 +256,6 @@ class RLModule(AdapterTrainingModule):
         logp = logp.masked_scatter(r["policy"], tokens.logp)
         return emb, logp, tokens
 
-    def _reference_head(self, hidden: Tensor) -> Tensor:
-        """The reference's output projection (adapter off: an untied output row trained by RL reverts)."""
-        with self.encoder.lm.disable_adapter():
-            return self.encoder.lm.get_output_embeddings()(hidden)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> Tensor:
@@ -363,18 +359,11 @@ class RLModule(AdapterTrainingModule):
         """The last rollouts as a table (query, reasoning, reward) that MLflow's UI shows."""
         if not self.trainer.is_global_zero or not self.last_rollouts:
             return
-        table = {"step": [self.global_step] * len(self.last_rollouts),
-                 "query": [q for q, _, _ in self.last_rollouts],
-                 "reasoning": [t for _, t, _ in self.last_rollouts],
-                 "reward": [w for _, _, w in self.last_rollouts]}
-        name = f"rollouts/step_{self.global_step:06d}.json"
-        logger = self.logger
-        if logger is not None and type(logger).__name__ == "MLFlowLogger":
-            logger.experiment.log_table(logger.run_id, data=table, artifact_file=name)
-            return
-        path = Path(self.adapter_dir).parent / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(table, indent=1))
+        self._write_table({"step": [self.global_step] * len(self.last_rollouts),
+                           "query": [q for q, _, _ in self.last_rollouts],
+                           "reasoning": [t for _, t, _ in self.last_rollouts],
+                           "reward": [w for _, _, w in self.last_rollouts]},
+                          f"rollouts/step_{self.global_step:06d}.json")
 
     def _probe(self) -> None:
         dm = self.trainer.datamodule
@@ -389,24 +378,23 @@ class RLModule(AdapterTrainingModule):
             return
         dm = self.trainer.datamodule
         queries = [q for task in dm.validation.tasks for q in task.queries.values()][: self.sample_texts]
-        out = self.encoder.reason(queries) if queries else None
-        lines = [f"# step {self.global_step}: greedy reasoning on held-out queries"]
-        if out is not None:
-            for q, text, miss in zip(queries, out.texts, out.missing_embed_token.tolist()):
-                lines += [f"## query: {q}", text + ("  [embed token appended]" if miss else ""), ""]
-        lines.append("# last training rollouts (query, response, reward)")
-        for q, resp, rw in self.last_rollouts[: self.sample_texts * self.group_size]:
-            lines += [f"## {q} (reward {rw:.3f})", resp, ""]
+        if queries:
+            out = self.encoder.reason(queries)
+            self._write_table({"step": [self.global_step] * len(queries), "query": queries, "analysis": out.texts,
+                               "analysis_tokens": out.analysis_tokens.tolist(),
+                               "embed_token_appended": out.missing_embed_token.tolist()},
+                              f"reasoning/step_{self.global_step:06d}.json")
         if self.env is not None:
-            lines.append(f"# environment staleness (steps since encoding -> documents): {self.env.staleness()}")
-        self._write_artifact("\n".join(lines), f"reasoning/step_{self.global_step:06d}.txt")
+            staleness = self.env.staleness()
+            self._write_table({"steps_since_encoding": list(staleness), "documents": list(staleness.values())},
+                              f"environment/staleness_step_{self.global_step:06d}.json")
 
-    def _write_artifact(self, text: str, name: str) -> None:
-        """MLflow text artifact when an MLflow logger is attached, else a file beside the adapters."""
+    def _write_table(self, table: dict[str, list], name: str) -> None:
+        """An MLflow table (shown in the UI) when an MLflow logger is attached, else JSON beside the adapters."""
         logger = self.logger
         if logger is not None and type(logger).__name__ == "MLFlowLogger":
-            logger.experiment.log_text(logger.run_id, text, name)
+            logger.experiment.log_table(logger.run_id, data=table, artifact_file=name)
             return
         path = Path(self.adapter_dir).parent / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_text(json.dumps(table, indent=1))

@@ -33,9 +33,9 @@ from search_r3.lightning_modules.adapter_training import AdapterTrainingModule
 from search_r3.evaluation.distributed import gather_objects, gather_with_grad, sum_over_ranks
 from search_r3.lightning_modules.losses import (
     cached_embedding_loss,
+    chunked_token_scores,
     info_nce_loss,
-    response_lm_loss,
-    token_kl,
+    masked_token_mean,
     triplet_margin_loss,
 )
 from search_r3.model.embedding_lm import EmbeddingLM
@@ -48,6 +48,8 @@ class SFTContrastiveModule(AdapterTrainingModule):
         tau: InfoNCE temperature (0.05: common for LLM embedders; the paper's value is unknown).
         margin: triplet margin on the cosine distance (0.2).
         cached: GradCache for the embedding losses; ``chunk_size`` rows per re-embedding chunk.
+        logit_chunk_rows: response positions projected to the vocabulary at a time (peak memory), as
+            in :class:`~search_r3.lightning_modules.rl.RLModule`; None = all at once.
         lr / weight_decay / warmup_steps / gradient_clip / adapter_dir / token_lr: see
             :class:`AdapterTrainingModule`.
     """
@@ -55,8 +57,10 @@ class SFTContrastiveModule(AdapterTrainingModule):
     def __init__(self, encoder: EmbeddingLM, lm_weight: float = 1.0, kl_weight: float = 1.0, nce_weight: float = 1.0,
                  triplet_weight: float = 1.0, tau: float = 0.05, margin: float = 0.2, cached: bool = False,
                  chunk_size: int = 8, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 10,
-                 gradient_clip: float = 1.0, adapter_dir: str = "runs/sft/adapter", token_lr: float | None = None) -> None:
+                 gradient_clip: float = 1.0, adapter_dir: str = "runs/sft/adapter", token_lr: float | None = None,
+                 logit_chunk_rows: int | None = 1024) -> None:
         super().__init__(encoder, lr, weight_decay, warmup_steps, gradient_clip, adapter_dir, token_lr=token_lr)
+        self.logit_chunk_rows = logit_chunk_rows
         self.weights = {"lm": lm_weight, "kl": kl_weight, "nce": nce_weight, "triplet": triplet_weight}
         self.tau, self.margin, self.cached, self.chunk_size = tau, margin, cached, chunk_size
         self._relevant: dict[str, set[str]] | None = None
@@ -72,18 +76,23 @@ class SFTContrastiveModule(AdapterTrainingModule):
 
     # ------------------------------------------------------------------ losses
     def _lm_and_kl(self, side: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Embeddings, LM loss and KL of one batch side, and its number of response tokens."""
-        emb, logits = self.encoder.embed_and_response_logits(side["input_ids"], side["attention_mask"],
+        """Embeddings, LM loss and KL of one batch side, and its number of response tokens.
+
+        Token log-probs and the exact KL come from the RL stage's chunked projection
+        (:func:`~search_r3.lightning_modules.losses.chunked_token_scores`): one computation of both
+        for both stages, and never a whole [tokens, vocabulary] block of logits at paper scale."""
+        emb, hidden = self.encoder.embed_and_response_hidden(side["input_ids"], side["attention_mask"],
                                                              side["response_mask"])
         targets = side["input_ids"][side["response_mask"]]
-        every = torch.ones(targets.shape[0], dtype=torch.bool, device=targets.device)
-        lm = response_lm_loss(logits, targets, every)
-        kl = logits.new_zeros(())
+        reference = None
         if self.weights["kl"]:
             with torch.no_grad(), self.encoder.lm.disable_adapter():
-                _, ref = self.encoder.embed_and_response_logits(side["input_ids"], side["attention_mask"],
-                                                                side["response_mask"])
-            kl = token_kl(logits, ref, self.encoder.kl_targets(targets))
+                _, reference = self.encoder.embed_and_response_hidden(side["input_ids"], side["attention_mask"],
+                                                                      side["response_mask"])
+        tokens = chunked_token_scores(hidden, self.encoder.lm.get_output_embeddings(), targets, 1.0, reference,
+                                      self.encoder.reference_logits, "exact", self.logit_chunk_rows)
+        lm = masked_token_mean(-tokens.logp)
+        kl = masked_token_mean(tokens.kl[self.encoder.kl_targets(targets)]) if reference is not None else lm.new_zeros(())
         return emb, lm, kl, int(targets.shape[0])
 
     def _global_embedding_losses(self, q: Tensor, d: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:

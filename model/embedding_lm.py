@@ -11,7 +11,6 @@ cost more than the rest of the readout.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
@@ -28,7 +27,8 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from search_r3.model.base_models import ModelNotAvailableError, resolve_model_dir
+from search_r3.model.base_models import ModelNotAvailableError, resolve_model_dir, weights_identity
+from search_r3.model.digests import folder_digest
 from search_r3.model.errors import AdapterError
 from search_r3.model.progress import progress
 from search_r3.model.prompts import EMBED_TOKEN, PromptTemplates, Side
@@ -79,6 +79,17 @@ class Generated:
     missing: list[bool]
     stop_tokens: list[int | None]
     analysis_tokens: list[int]
+
+
+@dataclass(frozen=True)
+class ReasoningRecord:
+    """One reasoning-mode query as encoded: what the model wrote before its embedding. Kept for every
+    query so a result can say how much reasoning there was and show it (MLflow tables)."""
+
+    query: str
+    analysis: str
+    tokens: int  # analysis tokens (0: the embed token came first)
+    appended: bool  # the model never wrote the embed token within the budget; it was appended
 
 
 @dataclass
@@ -157,6 +168,7 @@ class EmbeddingLM(nn.Module):
         self.adapter_digest: str | None = folder_digest(adapter) if adapter else None
         self.merged = adapter is not None and (merge_adapter or lora is not None)
         model_dir = resolve_model_dir(base_model, cache_dir)
+        self.weights_id = weights_identity(base_model, model_dir)  # in the fingerprint: another release, other key
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.chat_template is None:
             raise ModelNotAvailableError(f"{model_dir}: the tokenizer has no chat template; search-r3 prompts need one "
@@ -195,8 +207,7 @@ class EmbeddingLM(nn.Module):
         self.lm = lm
         self.lora = lora if lora is not None else (LoraSettings(**meta["lora"]) if meta and meta.get("lora") else None)
         self.missing_embed_token_count = 0  # reasoning samples whose token had to be appended
-        self.reasoning_lengths: list[int] = []  # analysis tokens of every reasoning-mode query encoded
-        self.reasoning_missing: list[bool] = []  # and whether its embed token had to be appended
+        self.reasoning_log: list[ReasoningRecord] = []  # every reasoning-mode query encoded, in order
         self._prompt_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
     # ------------------------------------------------------------------ properties
@@ -249,7 +260,7 @@ class EmbeddingLM(nn.Module):
         """Identifies what determines the embeddings: base model, adapter *content*, prompts,
         truncation and dtype. Keys the document-embedding cache, so a retrained adapter saved at the
         same path is never served stale vectors."""
-        parts = [self.base_model_name, self.adapter_digest or "no-adapter", self.prompts.fingerprint(),
+        parts = [self.weights_id, self.adapter_digest or "no-adapter", self.prompts.fingerprint(),
                  str(self.max_tokens), str(self.lm.dtype)] + (["merged"] if self.merged else [])
         return "|".join(parts)
 
@@ -341,30 +352,25 @@ class EmbeddingLM(nn.Module):
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return F.normalize(picked.float(), dim=-1)
 
-    def embed_and_response_logits(
-        self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """One forward pass for training: the embedding at the last embed token (as
-        :meth:`embed_at_token`) and the LM logits that *predict* the masked response tokens.
-
-        Logits are computed only where they are needed (``response_mask`` shifted left by one), so the
-        vocabulary projection costs a few positions per row instead of the whole sequence. Returns
-        ``(embeddings [B, d], logits [n, V])`` with the n targets being ``input_ids[response_mask]``.
-        """
-        embeddings, hidden = self.embed_and_response_hidden(input_ids, attention_mask, response_mask)
-        return embeddings, self.lm.get_output_embeddings()(hidden)
-
     def embed_and_response_hidden(
         self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """As :meth:`embed_and_response_logits`, but the final hidden states ``[n, d]`` at the positions
-        that predict the response tokens, before the vocabulary projection: long RL responses project
-        them in chunks (:func:`~search_r3.lightning_modules.losses.chunked_token_scores`)."""
+        """One forward pass for training: the embedding at the last embed token (as
+        :meth:`embed_at_token`) and the final hidden states ``[n, d]`` at the positions that *predict*
+        the masked response tokens (``response_mask`` shifted left by one), the n targets being
+        ``input_ids[response_mask]``. The vocabulary projection is left to the losses, which do it in
+        chunks (:func:`~search_r3.lightning_modules.losses.chunked_token_scores`)."""
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         embeddings = self._read_embed_token(hidden, input_ids, attention_mask)
         predicting = torch.zeros_like(response_mask, dtype=torch.bool)
         predicting[:, :-1] = response_mask[:, 1:].bool()
         return embeddings, hidden[predicting]
+
+    def reference_logits(self, hidden: Tensor) -> Tensor:
+        """The reference's output projection (adapter off): where the output row is untied and trained,
+        the reference keeps its own. Stage 1 and Stage 2 take their KL against this."""
+        with self.lm.disable_adapter():
+            return self.lm.get_output_embeddings()(hidden)
 
     def kl_targets(self, targets: Tensor) -> Tensor:
         """Mask of the response targets on which a KL to the reference (adapter disabled) is taken: all
@@ -457,12 +463,10 @@ class EmbeddingLM(nn.Module):
 
         The re-forward (instead of one extra cached decoding step) gives exactly the hidden state a
         training step will see for the same tokens, which the RL stage relies on. The analysis lengths
-        are kept (``reasoning_lengths``) so every reasoning-mode result can say how much reasoning there was.
+        are kept (``reasoning_log``) so every reasoning-mode result can say how much reasoning there was.
         """
         gen = self.generate_reasoning(texts, **generation)  # type: ignore[arg-type]
         self.missing_embed_token_count += sum(gen.missing)
-        self.reasoning_lengths.extend(gen.analysis_tokens)
-        self.reasoning_missing.extend(gen.missing)
         ids, mask = self.pad([p + r for p, r in zip(gen.prompts, gen.responses)])
         with self.inference():
             emb = self.embed_at_token(ids, mask).cpu()
@@ -473,6 +477,8 @@ class EmbeddingLM(nn.Module):
             if miss and text.endswith(close):
                 text = text[: -len(close)]
             analyses.append(text.replace(EMBED_TOKEN, "").strip())
+        self.reasoning_log.extend(ReasoningRecord(q, a, n, m) for q, a, n, m
+                                  in zip(texts, analyses, gen.analysis_tokens, gen.missing))
         return ReasoningOutput(
             embeddings=emb,
             texts=analyses,
@@ -599,22 +605,6 @@ def _copy_folder(source: Path, target: Path) -> None:
     shutil.copytree(source, tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-
-
-def folder_digest(folder: str | Path | None) -> str:
-    """Content hash of every file in a folder (names and bytes, streamed): the one cache and checkpoint
-    key of the project. Sizes or dates would serve a retrained model of the same shape stale results.
-    (Recorded result rows carry these digests: the formula must not change.)"""
-    if folder is None:
-        return "no-adapter"
-    h = hashlib.sha256()
-    for f in sorted(Path(folder).rglob("*")):
-        if f.is_file():
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
 
 
 

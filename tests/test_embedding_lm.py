@@ -211,7 +211,8 @@ def test_training_forward_matches_readout_and_full_logits(tiny_lm: EmbeddingLM) 
     for i, s in enumerate(starts):
         response_mask[i, s:len(seqs[i])] = True
     with tiny_lm.inference():
-        emb, logits = tiny_lm.embed_and_response_logits(ids, mask, response_mask)
+        emb, hidden = tiny_lm.embed_and_response_hidden(ids, mask, response_mask)
+        logits = tiny_lm.lm.get_output_embeddings()(hidden)
         full = tiny_lm.lm(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(emb, tiny_lm.encode(TEXTS[:2], "query"), atol=1e-5, rtol=0)
     predicting = torch.zeros_like(response_mask)

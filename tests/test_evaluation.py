@@ -221,18 +221,30 @@ def test_compare_gathers_runs_into_one_table(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     from search_r3.evaluation.compare import main as compare
+    from search_r3.evaluation.mlflow_runs import log_row_runs
+    from search_r3.evaluation.report import ResultRow
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("search-r3", artifact_location=str(tmp_path / "art"))
-    for name, values in [("first", {"bm25": 0.68}), ("second", {"bm25": 0.70, "minilm.direct": 0.64})]:
-        run = client.create_run(exp, run_name=name)
-        for system, v in values.items():
-            client.log_metric(run.info.run_id, f"test/scifact/{system}/nDCG_at_10", v)
-            client.log_metric(run.info.run_id, f"test/nfcorpus/{system}/nDCG_at_10", v / 2)
-        client.log_param(run.info.run_id, "data/scifact/num_docs", "5183")
-        client.log_param(run.info.run_id, "data/scifact/corpus_size", "5183")
-        client.set_terminated(run.info.run_id)
+    # "first" was logged before child runs existed (rows as keys on the command's run); "second" as now
+    first = client.create_run(exp, run_name="first")
+    client.log_metric(first.info.run_id, "test/scifact/bm25/nDCG_at_10", 0.68)
+    client.log_metric(first.info.run_id, "test/nfcorpus/bm25/nDCG_at_10", 0.34)
+    client.log_param(first.info.run_id, "data/scifact/num_docs", "5183")
+    client.log_param(first.info.run_id, "data/scifact/corpus_size", "5183")
+    client.set_terminated(first.info.run_id)
+    second = client.create_run(exp, run_name="second")
+
+    def row(retriever: str, mode: str | None, dataset: str, value: float) -> ResultRow:
+        return ResultRow(retriever=retriever, mode=mode, checkpoint=None, dataset=dataset, split="test",
+                         metrics={"nDCG@10": value}, num_queries=3, num_docs=5183, corpus_size=5183,
+                         command="search-r3 test", wall_time_s=1.0)
+
+    log_row_runs(client, second.info.run_id, [row("bm25", None, "scifact", 0.70), row("bm25", None, "nfcorpus", 0.35),
+                                              row("minilm", "direct", "scifact", 0.64),
+                                              row("minilm", "direct", "nfcorpus", 0.32)], datasets={})
+    client.set_terminated(second.info.run_id)
     out = tmp_path / "cmp.md"
     compare(["--tracking-uri", uri, "--out", str(out)])
     table = out.read_text()

@@ -14,9 +14,8 @@ from search_r3.lightning_modules.losses import (
     cached_info_nce,
     chunked_token_scores,
     info_nce_loss,
+    masked_token_mean,
     reference_token_logp,
-    response_lm_loss,
-    token_kl,
     triplet_margin_loss,
 )
 
@@ -56,21 +55,28 @@ def test_triplet_hand_computed_and_hardest_negative() -> None:
     assert triplet_margin_loss(q, p, both, margin=0.5).item() == pytest.approx(0.3)
 
 
-def test_response_lm_loss_counts_masked_tokens_only() -> None:
-    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
-    labels = torch.tensor([[0, 0, 1]])
-    mask = torch.tensor([[False, True, True]])
-    assert response_lm_loss(logits, labels, mask).item() == pytest.approx(-(math.log(0.9) + math.log(0.8)) / 2, abs=1e-6)
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x  # "hidden states" that already are logits: hand-computable scores
 
 
-def test_token_kl_hand_computed() -> None:
-    p = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]))
-    q = torch.log(torch.tensor([[[0.5, 0.5], [0.5, 0.5]]]))
-    mask = torch.tensor([[True, True]])
+def test_token_log_probs_give_the_lm_loss_hand_computed() -> None:
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.2, 0.8]]))
+    scores = chunked_token_scores(logits, _identity, torch.tensor([0, 1]), chunk_rows=1)
+    assert masked_token_mean(-scores.logp).item() == pytest.approx(-(math.log(0.9) + math.log(0.8)) / 2, abs=1e-6)
+
+
+def test_exact_token_kl_hand_computed() -> None:
+    p = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    q = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    targets = torch.tensor([0, 0])
+    kl = chunked_token_scores(p, _identity, targets, reference=q, reference_head=_identity, chunk_rows=1).kl
     expected = (0.0 + 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) / 2
-    assert token_kl(p, q, mask).item() == pytest.approx(expected, abs=1e-6)
-    assert token_kl(p, p, mask).item() == pytest.approx(0.0, abs=1e-7)
-    assert token_kl(p, q, torch.zeros_like(mask)).item() == 0.0  # nothing masked in: 0, not NaN
+    assert masked_token_mean(kl).item() == pytest.approx(expected, abs=1e-6)
+    same = chunked_token_scores(p, _identity, targets, reference=p, reference_head=_identity).kl
+    assert masked_token_mean(same).item() == pytest.approx(0.0, abs=1e-7)
+    assert masked_token_mean(kl[:0]).item() == 0.0  # no token: 0, not NaN
+    # under DDP the mean divides by every rank's count: this rank's share of a 4-token global mean
+    assert masked_token_mean(kl, reduce=lambda n: 2 * n).item() == pytest.approx(expected / 2, abs=1e-6)
 
 
 QUERIES = ["vitamin D and bone", "who wrote Hamlet", "elderly patients", "tragedy"]

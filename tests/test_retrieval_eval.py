@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -116,10 +117,55 @@ def test_a_reasoning_row_states_how_much_reasoning_there_was(tiny_lm_dir: Path, 
     direct, reasoning = module.rows
     assert direct.reasoning is None
     stats = reasoning.reasoning
-    lengths = module.retrievers[0].encoder.reasoning_lengths
+    lengths = [r.tokens for r in module.retrievers[0].encoder.reasoning_log]
     assert len(lengths) == reasoning.num_queries == 8 and all(0 <= n <= 4 for n in lengths)
     assert stats["reasoning_tokens_mean"] == pytest.approx(sum(lengths) / 8, abs=0.01)
     assert stats["empty_reasoning_rate"] == pytest.approx(sum(n == 0 for n in lengths) / 8)
     record = reasoning.record()
     assert record["reasoning_tokens_mean"] == stats["reasoning_tokens_mean"]
     assert f"reasoning ({stats['reasoning_tokens_mean']:.1f} tokens" in render_markdown([record])
+
+
+def test_mlflow_gets_one_comparable_child_run_per_row(tiny_lm_dir: Path, mini_scifact: Path, tmp_path: Path) -> None:
+    """Two retrievers and two modes under one command run: the same metric keys in every child, the row's
+    identity as params, the reasoning row's analyses as a table, and search-r3-compare reads them back."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
+
+    from search_r3.evaluation.compare import rows_from_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(experiment_name="compare", tracking_uri=uri, artifact_location=str(tmp_path / "art"))
+    long = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=4)
+    short = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_document_tokens=16)
+    module = RetrievalEvalModule([EmbeddingLMRetriever(long, name="tiny", modes=["direct", "reasoning"]),
+                                  EmbeddingLMRetriever(short, name="tiny-short", modes=["direct"])],
+                                 output_dir=str(tmp_path / "out"), embedding_cache_dir=None)
+    trainer = L.Trainer(accelerator="cpu", logger=logger, enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(module, datamodule=BEIRDataModule(data_root=str(mini_scifact.parent), datasets=["scifact"],
+                                                   batch_size=16))
+
+    client = MlflowClient(tracking_uri=uri)
+    children = client.search_runs([logger.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{logger.run_id}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {"scifact/tiny.direct", "scifact/tiny.reasoning", "scifact/tiny-short.direct"}
+    for row in module.rows:
+        child = by_name[f"scifact/{row.label}"]
+        assert child.info.status == "FINISHED"
+        assert {k: child.data.metrics[f"test/{k.replace('@', '_at_')}"] for k in row.metrics} == row.metrics
+        assert (child.data.params["retriever"], child.data.params["mode"]) == (row.retriever, row.mode)
+        assert child.data.params["dtype"] == "fp32" and child.data.params["num_docs"] == str(row.num_docs)
+    assert by_name["scifact/tiny.reasoning"].data.metrics["test/reasoning_queries"] == 8
+
+    reasoning = by_name["scifact/tiny.reasoning"].info.run_id
+    table = json.loads(Path(client.download_artifacts(reasoning, "reasoning_samples.json", str(tmp_path))).read_text())
+    assert table["columns"] == ["query", "analysis", "analysis_tokens", "embed_token_appended"]
+    task = trainer.datamodule.tasks[0]
+    assert [r[0] for r in table["data"]] == list(task.queries.values())  # every test query, in order
+    expected = {(r.query, r.analysis, r.tokens) for r in long.reasoning_log}
+    assert {(q, a, n) for q, a, n, _ in table["data"]} == expected
+    assert "reasoning_samples.json" not in {a.path for a in client.list_artifacts(by_name["scifact/tiny.direct"].info.run_id)}
+
+    back = rows_from_runs(client, [client.get_run(logger.run_id)], "nDCG@10")
+    assert sorted((r.label, r.metrics["nDCG@10"]) for r in back) == sorted((r.label, r.metrics["nDCG@10"]) for r in module.rows)

@@ -98,4 +98,5 @@ def test_minilm_cache_key_follows_content_not_sizes(tmp_path: Path) -> None:
     text = config.read_bytes()
     config.write_bytes(text.replace(b"0.1", b"0.2", 1))  # same size, other content
     assert len(config.read_bytes()) == len(text) and config.read_bytes() != text
-    assert minilm.fingerprint() != before
+    assert minilm.fingerprint() == before  # the model as loaded did not change
+    assert SentenceTransformerRetriever(model=str(folder)).fingerprint() != before  # the model loaded now did

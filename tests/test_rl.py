@@ -170,8 +170,11 @@ def test_validation_scores_both_modes_and_writes_reasoning_samples(tiny_lm_dir: 
     table = json.loads((tmp_path / "rollouts" / "step_000001.json").read_text())
     assert set(table) == {"step", "query", "reasoning", "reward"} and len(table["query"]) == 8
     assert float(metrics["val/nDCG_at_10"]) == float(metrics["val/reasoning/nDCG_at_10"])
-    samples = list((tmp_path / "reasoning").glob("step_*.txt"))
-    assert samples and "greedy reasoning" in samples[0].read_text()
+    greedy = json.loads(next((tmp_path / "reasoning").glob("step_*.json")).read_text())  # held-out queries
+    assert set(greedy) == {"step", "query", "analysis", "analysis_tokens", "embed_token_appended"}
+    assert greedy["query"] and len(greedy["analysis"]) == len(greedy["query"])
+    staleness = json.loads(next((tmp_path / "environment").glob("staleness_step_*.json")).read_text())
+    assert sum(staleness["documents"]) == len(module.env)
     assert (tmp_path / "adapter" / "best").is_dir()
 
 
@@ -297,7 +300,7 @@ def test_stage2_starts_from_stage1_and_is_anchored_to_it(tiny_lm_dir: Path, mini
     digest = tested.adapter_digest
     (tmp_path / "rl" / "base_adapter" / "adapter_model.safetensors").write_bytes(
         (tmp_path / "sft" / "adapter_model.safetensors").read_bytes()[:-8] + b"\0" * 8)
-    from search_r3.model.embedding_lm import folder_digest
+    from search_r3.model.digests import folder_digest
 
     assert folder_digest(str(tmp_path / "rl")) != digest
 
@@ -368,3 +371,10 @@ def test_the_policy_gradient_alone_raises_a_reward_on_sampled_tokens(tiny_lm_dir
     monkeypatch.setattr(rl, "group_advantages", lambda *a, **k: -flipped(*a, **k))
     wrong = _sampled_token_reward_curve(tiny_lm_dir, mini_train_root, tmp_path / "down", 24, sampled_token_reward)
     assert sum(wrong[-6:]) / 6 < sum(wrong[:6]) / 6 - 0.15, wrong
+
+
+def test_training_sources_name_the_files_that_train_the_policy(mini_train_root: Path) -> None:
+    data = _data(mini_train_root)
+    sources = dict(data.training_sources())
+    assert set(sources) == {"scifact/train-qrels", "scifact/corpus"}
+    assert all(path.is_file() for path in sources.values())

@@ -190,3 +190,52 @@ def test_sharded_strategies_are_refused_before_any_compute() -> None:
     with pytest.raises(ValueError, match=r"trains with DDP \(`trainer.strategy: ddp`\), not FSDP"):
         refuse_sharded_strategy(FSDPStrategy())
     refuse_sharded_strategy(DDPStrategy())  # accepted
+
+
+@pytest.mark.e2e
+def test_resuming_fit_continues_its_mlflow_run(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fit --ckpt_path` through the CLI logs the remaining steps into the run the checkpoint came from."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from search_r3.cli import run_cli
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "limit_val_batches": 0,
+                    "num_sanity_val_steps": 0, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(tmp_path),
+                    "logger": {"class_path": "lightning.pytorch.loggers.MLFlowLogger",
+                               "init_args": {"experiment_name": "resume", "tracking_uri": uri,
+                                             "artifact_location": str(tmp_path / "art")}},
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True,
+                                                 "every_n_train_steps": 1}}]},
+        "model": {"class_path": "search_r3.lightning_modules.sft.SFTContrastiveModule",
+                  "init_args": {"encoder": {"class_path": "search_r3.model.EmbeddingLM",
+                                            "init_args": {"base_model": str(tiny_lm_dir), "dtype": "float32",
+                                                          "show_progress": False, "max_document_tokens": 48,
+                                                          "max_query_tokens": 24,
+                                                          "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}},
+                                "lr": 0.01, "warmup_steps": 1, "adapter_dir": str(tmp_path / "adapter")}},
+        "data": {"class_path": "search_r3.datamodules.contrastive.ContrastiveDataModule",
+                 "init_args": {"data_root": str(mini_train_root), "batch_size": 4, "num_negatives": 2,
+                               "val_queries": 4, "val_corpus_docs": 30}},
+    }
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr("sys.argv", ["search-r3"])
+    run_cli(["fit", "--config", str(path), "--trainer.max_steps", "1"])  # "interrupted" after one step
+    run_cli(["fit", "--config", str(path), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert len(runs) == 1  # both parts in one run
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss"))
+    assert steps == [0, 1], steps  # one curve: the first part's step and the resumed part's
+    inputs = {(d.dataset.name, d.tags[0].value) for d in runs[0].inputs.dataset_inputs}
+    assert {("scifact/train-triples", "train"), ("scifact/train", "validation")} <= inputs, inputs
+    assert runs[0].data.params["trainer.max_steps"] == "1"  # params cannot change; the resumed config is kept
+    assert {"config_fit.yaml", "config_fit_resumed.yaml"} <= {a.path for a in client.list_artifacts(runs[0].info.run_id)}
