@@ -41,6 +41,16 @@ def ui_path(experiment_id: str, run_id: str | None = None) -> str:
     return f"{page}?{MODEL_TRAINING_QUERY}"
 
 
+def run_pointer(loggers: Sequence[Any], detail: str = "") -> str:
+    """``MLflow run <id><detail> (browse: ...)`` for the first MLflow logger, "" without one: the last
+    line of every command says where its numbers went."""
+    for logger in loggers:
+        if type(logger).__name__ == "MLFlowLogger":
+            return (f"MLflow run {logger.run_id}{detail} (browse: mlflow ui --backend-store-uri "
+                    f"{logger.experiment.tracking_uri}, then {ui_path(logger.experiment_id, logger.run_id)})")
+    return ""
+
+
 def metric_name(measure: str, stage: str = "test") -> str:
     """``test/nDCG_at_10``: the same key for every row (MLflow rejects '@' in metric names)."""
     return f"{stage}/{measure.replace('@', '_at_')}"

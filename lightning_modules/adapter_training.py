@@ -19,6 +19,7 @@ import lightning as L
 import torch
 
 from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, score_task
+from search_r3.evaluation.mlflow_runs import run_pointer
 from search_r3.model.embedding_lm import EmbeddingLM, Mode
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,15 @@ class AdapterTrainingModule(L.LightningModule):
                 self.encoder.save(self.adapter_dir / "best")
                 log.info("new best validation nDCG@10 %.4f (%s): adapter saved to %s", mean, self.val_modes[0],
                          self.adapter_dir / "best")
+
+    def on_fit_end(self) -> None:
+        """Say where the results went: the adapters, their best validation score and the MLflow run."""
+        if not self.trainer.is_global_zero:
+            return
+        best = (f"{self.adapter_dir / 'best'} (validation nDCG@10 {self.best_ndcg:.4f}, {self.val_modes[0]}) and "
+                if self.best_ndcg > -math.inf else "")
+        pointer = run_pointer(self.trainer.loggers)
+        print(f"adapters: {best}{self.adapter_dir / 'last'}" + (f"; {pointer}" if pointer else ""))
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

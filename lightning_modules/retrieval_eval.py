@@ -31,7 +31,7 @@ from search_r3.datamodules.beir import RetrievalTask
 from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, score_run, score_task
 from search_r3.evaluation.distributed import gather_objects
 from search_r3.evaluation.metrics import DEFAULT_MEASURES
-from search_r3.evaluation.mlflow_runs import log_dataset_inputs, log_row_runs, task_ref, ui_path
+from search_r3.evaluation.mlflow_runs import log_dataset_inputs, log_row_runs, run_pointer, task_ref
 from search_r3.evaluation.report import (
     ResultRow,
     print_table,
@@ -353,7 +353,5 @@ class RetrievalEvalModule(L.LightningModule):
                 children = log_row_runs(client, logger.run_id, self.rows, datasets, self._samples)
         if self.record_results:
             log.info("recorded %d rows in %s", len(records), record_rows(records, self.results_file))
-        mlflow = [lg for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)]
-        print(f"outputs: {out}" + (f"; MLflow run {mlflow[0].run_id} with {len(children)} child runs, one per row "
-                                   f"(browse: mlflow ui --backend-store-uri {mlflow[0].experiment.tracking_uri}, then "
-                                   f"{ui_path(mlflow[0].experiment_id, mlflow[0].run_id)})" if mlflow else ""))
+        pointer = run_pointer(self.trainer.loggers, f" with {len(children)} child runs, one per row")
+        print(f"outputs: {out}" + (f"; {pointer}" if pointer else ""))
