@@ -194,7 +194,7 @@ def test_sharded_strategies_are_refused_before_any_compute() -> None:
 
 @pytest.mark.e2e
 def test_resuming_fit_continues_its_mlflow_run(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+                                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """`fit --ckpt_path` through the CLI logs the remaining steps into the run the checkpoint came from."""
     import yaml
     from mlflow import MlflowClient
@@ -228,11 +228,14 @@ def test_resuming_fit_continues_its_mlflow_run(tiny_lm_dir: Path, mini_train_roo
     path.write_text(yaml.safe_dump(config))
     monkeypatch.setattr("sys.argv", ["search-r3"])
     run_cli(["fit", "--config", str(path), "--trainer.max_steps", "1"])  # "interrupted" after one step
+    capsys.readouterr()
     run_cli(["fit", "--config", str(path), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+    printed = capsys.readouterr().out
 
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
     assert len(runs) == 1  # both parts in one run
+    assert f"adapters: {tmp_path / 'adapter' / 'last'}; MLflow run {runs[0].info.run_id}" in printed  # where it all went
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss"))
     assert steps == [0, 1], steps  # one curve: the first part's step and the resumed part's
     inputs = {(d.dataset.name, d.tags[0].value) for d in runs[0].inputs.dataset_inputs}
