@@ -35,6 +35,21 @@ ROW_PARAMS = ("dataset", "split", "retriever", "mode", "checkpoint", "checkpoint
               "num_queries", "num_docs", "corpus_size", "device", "documents_from_cache")
 
 
+def runs_named(tracking_uri: str, experiment: str, run_name: str, newest_first: bool = False) -> tuple[Any, Any, list]:
+    """(client, experiment, runs of that name in start order) from a store, or exit with what is missing."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise SystemExit(f"no experiment {experiment!r} in {tracking_uri}")
+    runs = client.search_runs([found.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
+                              order_by=[f"attributes.start_time {'DESC' if newest_first else 'ASC'}"])
+    if not runs:
+        raise SystemExit(f"no run named {run_name!r} in experiment {experiment!r}")
+    return client, found, runs
+
+
 def ui_path(experiment_id: str, run_id: str | None = None) -> str:
     """The UI page of an experiment (or run) in the model-training view, to append to the UI's address."""
     page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")

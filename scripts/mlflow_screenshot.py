@@ -22,7 +22,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from search_r3.evaluation.mlflow_runs import MODEL_TRAINING_QUERY
+from search_r3.evaluation.mlflow_runs import MODEL_TRAINING_QUERY, runs_named
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -61,16 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = parser.parse_args(argv)
 
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=args.tracking_uri)
-    experiment = client.get_experiment_by_name(args.experiment)
-    if experiment is None:
-        raise SystemExit(f"no experiment {args.experiment!r} in {args.tracking_uri}")
-    parents = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{args.run_name}'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
-    if not parents:
-        raise SystemExit(f"no run named {args.run_name!r} in experiment {args.experiment!r}")
+    client, experiment, parents = runs_named(args.tracking_uri, args.experiment, args.run_name, newest_first=True)
     parent = parents[0]
     children = client.search_runs([experiment.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",

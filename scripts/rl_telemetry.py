@@ -27,16 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block", type=int, default=10)
     args = parser.parse_args(argv)
 
-    from mlflow import MlflowClient
+    from search_r3.evaluation.mlflow_runs import runs_named
 
-    client = MlflowClient(tracking_uri=args.tracking_uri)
-    experiment = client.get_experiment_by_name(args.experiment)
-    if experiment is None:
-        raise SystemExit(f"no experiment {args.experiment!r} in {args.tracking_uri}")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{args.run_name}'",
-                              order_by=["attributes.start_time ASC"])
-    if not runs:
-        raise SystemExit(f"no run named {args.run_name!r}")
+    client, _, runs = runs_named(args.tracking_uri, args.experiment, args.run_name)
     series: dict[str, dict[int, tuple[float, int]]] = {k: {} for k in KEYS.values()}
     for run in runs:
         for key in KEYS.values():
