@@ -143,6 +143,54 @@ def encoding(quick: bool, reps: int) -> dict[str, Any]:
     }
 
 
+def rollouts(quick: bool, reps: int) -> dict[str, Any]:
+    """GRPO's sampling as ``configs/rl.yaml`` runs it: G = 4 tempered copies of each of the first SciFact queries,
+    up to 32 new tokens, from the Stage-1 adapter (merged) under a fresh LoRA, one ``generate`` per query.
+    Each query's copies sample the same tokens in both variants (same seed), so tokens/s compare like
+    with like: ``rollout_speedup_shared_prefill`` = time with a prefill per copy / time with one shared."""
+    from search_r3.datamodules.beir_files import find_file, iter_jsonl
+    from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
+
+    n_queries, group = (2 if quick else 8), 4
+    queries_file = find_file(ROOT.parent / "shared" / "data" / "beir" / "scifact", "queries.jsonl")
+    queries = [obj["text"] for _, (_, obj) in zip(range(n_queries), iter_jsonl(queries_file))]
+    model = EmbeddingLM(base_model="smollm2-135m-instruct", dtype="auto", max_query_tokens=64,
+                        max_reasoning_tokens=32, show_progress=False,
+                        adapter=str(ROOT / "checkpoints" / "smollm2-sft-cpu"),
+                        lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.lm.to(device)
+
+    def sample(shared: bool) -> int:
+        new_tokens = 0
+        for i, query in enumerate(queries):
+            torch.manual_seed(i)
+            gen = model.generate_reasoning([query], copies=group, do_sample=True, temperature=1.0,
+                                           share_prefill=shared)
+            new_tokens += sum(len(r) for r in gen.responses)
+        return new_tokens
+
+    sample(True)  # warm-up
+    times: dict[str, list[float]] = defaultdict(list)
+    counts: dict[str, int] = {}
+    for _ in range(reps):
+        for name, shared in (("shared_prefill", True), ("prefill_per_copy", False)):
+            start = time.perf_counter()
+            counts[name] = sample(shared)
+            _sync()
+            times[name].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    prompt_tokens = sum(len(p) for p in model.reasoning_prompt_ids(queries))
+    return {
+        "queries": n_queries, "group_size": group, "max_new_tokens": 32, "prompt_tokens": prompt_tokens,
+        "sampled_tokens": counts, "dtype": str(model.lm.dtype), "device": str(device),
+        "seconds_median": {k: round(v, 3) for k, v in median.items()},
+        "seconds_all": {k: [round(t, 3) for t in v] for k, v in times.items()},
+        "sampled_tokens_per_second": {k: round(counts[k] / median[k], 1) for k in median},
+        "rollout_speedup_shared_prefill": round(median["prefill_per_copy"] / median["shared_prefill"], 3),
+    }
+
+
 class PhaseTimer(L.Callback):
     """Wall time per phase of each optimizer step, by wrapping the methods where each phase happens."""
 
@@ -233,32 +281,61 @@ def stage_args(quick: bool) -> dict[str, list[str]]:
     }
 
 
+def update_section(out: Path, opts: argparse.Namespace, reps: int) -> None:
+    """``--only rollouts``: measure one section and write it into ``out``, keeping the others; the section
+    records its own command, date and machine, since it did not run with the rest."""
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    start = time.perf_counter()
+    section = rollouts(opts.quick, reps)
+    section.update({
+        "command": "python benchmarks/throughput.py --only rollouts" + (" --quick" if opts.quick else ""),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": _machine(), "repetitions": reps, "wall_seconds": round(time.perf_counter() - start, 1)})
+    result["rollouts"] = section
+    result["rollout_speedup_shared_prefill"] = section["rollout_speedup_shared_prefill"]
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in section.items() if k != "seconds_all"}))
+    print(f"updated {out}")
+
+
+def _machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores" + (
+        f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: rehearse the script")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip-profiles", action="store_true")
     parser.add_argument("--out")
+    parser.add_argument("--only", choices=["rollouts"],
+                        help="re-measure this section alone and update it in the existing JSON (its own "
+                             "command and date are recorded in the section)")
     opts = parser.parse_args()
     os.chdir(ROOT)  # the recipes name paths relative to the repository
     reps = 2 if opts.quick else opts.reps
+    out = Path(opts.out) if opts.out else ROOT / "benchmarks" / "results" / (
+        "throughput_quick.json" if opts.quick else "throughput.json")
+    if opts.only:
+        update_section(out, opts, reps)
+        return
     start = time.perf_counter()
     result: dict[str, Any] = {
         "command": "python benchmarks/throughput.py" + (" --quick" if opts.quick else ""),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-        + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
+        "machine": _machine(),
         "torch": torch.__version__, "repetitions": reps,
         "encoding": encoding(opts.quick, reps),
     }
     for key in ("encode_speedup_vs_plain_hf", "adapter_encode_time_ratio", "encode_fraction_of_matmul_peak",
                 "encode_fraction_of_matmul_peak_adapter"):
         result[key] = result["encoding"][key]
+    result["rollouts"] = rollouts(opts.quick, reps)
+    result["rollout_speedup_shared_prefill"] = result["rollouts"]["rollout_speedup_shared_prefill"]
     print(json.dumps({k: v for k, v in result.items() if k != "encoding"}), flush=True)
     if not opts.skip_profiles:
         result["step_profiles"] = {name: profile_stage(args) for name, args in stage_args(opts.quick).items()}
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(opts.out) if opts.out else ROOT / "benchmarks" / "results" / (
-        "throughput_quick.json" if opts.quick else "throughput.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

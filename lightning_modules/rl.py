@@ -208,7 +208,7 @@ class RLModule(AdapterTrainingModule):
         for qid, query in zip(ids_of, queries):
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(_stream_seed(self.seed, self.global_step, str(qid)))
-                parts.append(self.encoder.generate_reasoning([query] * self.group_size,
+                parts.append(self.encoder.generate_reasoning([query], copies=self.group_size,
                                                              max_new_tokens=self.max_new_tokens, do_sample=True,
                                                              temperature=self.temperature, top_p=self.top_p))
         gen = Generated(*(sum((getattr(p, f) for p in parts), []) for f in

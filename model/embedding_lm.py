@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -427,14 +427,26 @@ class EmbeddingLM(nn.Module):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        copies: int = 1,
+        share_prefill: bool = True,
     ) -> Generated:
-        """Sample an analysis for each query, closed by the embed token (see :class:`Generated`)."""
+        """Sample an analysis for each query, closed by the embed token (see :class:`Generated`).
+
+        ``copies`` samples each query that many times (rows ``i * copies ... (i + 1) * copies - 1``
+        belong to query ``i``), as GRPO's groups need. With ``share_prefill`` the prompts are run through
+        the model once and their key/value cache is repeated for the copies, instead of prefilling every
+        copy again: the sampled tokens are the same (the copies' prefill is the same computation), the
+        prompt's FLOPs are paid once per query instead of G times.
+        """
         from transformers import GenerationConfig
 
         if any(not t.strip() for t in texts):
             raise ValueError("reasoning mode got an empty query")
-        prompts = self.reasoning_prompt_ids(texts)
-        ids, mask = self.pad(prompts, side="left")
+        if copies < 1:
+            raise ValueError(f"copies must be at least 1, got {copies}")
+        unique = self.reasoning_prompt_ids(texts)
+        prompts = [p for p in unique for _ in range(copies)]
+        ids, mask = self.pad(unique, side="left")
         stops = [self.embed_token_id]
         if self.tokenizer.eos_token_id is not None:
             stops.append(self.tokenizer.eos_token_id)
@@ -448,7 +460,13 @@ class EmbeddingLM(nn.Module):
             pad_token_id=self.tokenizer.pad_token_id,
         )
         with self.inference():
-            generated = self.lm.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            cache = None
+            if share_prefill and copies > 1 and ids.shape[1] > 1:
+                cache = self._prefill_cache(ids[:, :-1], mask[:, :-1])
+                cache.batch_repeat_interleave(copies)
+            ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
+            extra = {"cache": cache} if cache is not None else {}
+            generated = self.lm.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
         new = generated[:, ids.shape[1] :].tolist()
         close_ids = self.tokenizer(self.prompts.reasoning_close, add_special_tokens=False)["input_ids"]
         pad = self.tokenizer.pad_token_id
@@ -457,6 +475,12 @@ class EmbeddingLM(nn.Module):
         missing = [m for _, m, _ in finished]
         analysis = [len(r) - (len(close_ids) if m else 1) for r, m in zip(responses, missing)]
         return Generated(prompts, responses, missing, [s for _, _, s in finished], analysis)
+
+    def _prefill_cache(self, ids: Tensor, mask: Tensor) -> Any:
+        """The key/value cache of left-padded prompts, positioned as ``generate`` positions them (from
+        the attention mask), so that ``generate`` can continue from it with the prompts' last token."""
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).cache
 
     def reason(self, texts: Sequence[str], **generation: object) -> ReasoningOutput:
         """Reasoning mode: generate, then re-forward the full sequence and read the embed token.

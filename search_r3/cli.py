@@ -148,6 +148,9 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> SearchR3CLI:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # CorpusStream shards by rank and worker itself, so its length (for progress bars) is right
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
+    # Both stages step their optimizers by hand; a checkpoint holds the state after the step, which is
+    # exactly what a resume must continue from. Lightning's warning (with a code listing) says otherwise.
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
     return SearchR3CLI(
         model_class=L.LightningModule,
         datamodule_class=L.LightningDataModule,

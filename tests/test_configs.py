@@ -33,6 +33,7 @@ RECIPES: list[tuple[str, list[str]]] = [
     ("test", ["configs/compare-demo.yaml"]),
     ("test", ["configs/rl-claim-table.yaml"]),
     ("test", ["configs/rl-claim-table.yaml", "configs/ablations/rl-pure-grpo-table.yaml"]),
+    ("test", ["configs/rl-claim-table.yaml", "configs/ablations/rl-min-reasoning-table.yaml"]),
     ("fit", ["configs/sft.yaml"]),
     ("fit", ["configs/sft.yaml", "configs/sft-nfcorpus.yaml"]),
     ("fit", ["configs/sft.yaml", "configs/ablations/sft-kl0.1.yaml"]),

@@ -107,6 +107,38 @@ def test_reasoning_embedding_is_read_at_the_token_of_the_full_sequence(tiny_lm: 
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8)], ids=["bare", "lora"])
+def test_copies_of_a_prompt_share_one_prefill_and_sample_what_separate_prefills_sample(
+        tiny_lm_dir: Path, lora: LoraSettings | None) -> None:
+    """GRPO samples G copies of each query. With a shared prefill the prompt goes through the model once
+    per query, not once per copy (counted at the input embeddings), and the copies sample exactly the
+    tokens that G separate prefills sample from the same random state."""
+    model = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", lora=lora, max_reasoning_tokens=6,
+                        show_progress=False)
+    if lora is not None:
+        _perturb_trainables(model)  # a non-zero adapter, so the prefill must go through LoRA too
+    queries, copies = ["Who wrote Hamlet?", "vitamin D deficiency in elderly patients"], 3
+    fed: list[int] = []
+    hook = model.lm.get_input_embeddings().register_forward_hook(lambda m, i, o: fed.append(i[0].numel()))
+    runs = {}
+    for shared in (True, False):
+        fed.clear()
+        torch.manual_seed(7)
+        gen = model.generate_reasoning(queries, do_sample=True, temperature=1.3, copies=copies, share_prefill=shared)
+        runs[shared] = (gen, sum(fed))
+    hook.remove()
+    (shared, fed_shared), (separate, fed_separate) = runs[True], runs[False]
+    assert shared.responses == separate.responses and shared.prompts == separate.prompts
+    assert shared.prompts == [p for p in model.reasoning_prompt_ids(queries) for _ in range(copies)]
+    width = max(len(p) for p in shared.prompts)  # left-padded prompt width
+    # the same decoding steps; only the prompt (all but its last token, which starts decoding) is saved,
+    # for every copy but one of each query
+    assert fed_separate - fed_shared == len(queries) * (width - 1) * (copies - 1)
+    torch.manual_seed(7)
+    greedy = model.generate_reasoning(queries, copies=copies)
+    assert all(greedy.responses[i] == greedy.responses[i - i % copies] for i in range(len(greedy.responses)))
+
+
 def test_lora_trains_only_adapters_and_the_token_row(tiny_lm_dir: Path) -> None:
     model = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", lora=LoraSettings(r=4, alpha=8),
                         show_progress=False)
