@@ -87,6 +87,39 @@ def _stream_seed(seed: int, step: int, query_id: str) -> int:
     return int(hashlib.sha256(f"{seed}|{step}|{query_id}".encode()).hexdigest()[:15], 16)
 
 
+class EpochMeans:
+    """Per-epoch means of per-step telemetry that a checkpoint carries, so a resumed epoch reports all
+    of its steps.
+
+    Lightning's ``on_epoch`` aggregation starts empty in every process: an epoch that spans a resume
+    reported only the steps after it (the claim run's first epoch read steps 60-99 of 0-99). The step
+    values added here are already means over every rank, weighted by the step's rollouts, so all ranks
+    hold the same sums and rank 0's checkpoint restores every rank. Sums of another epoch (a checkpoint
+    taken on an epoch's last step) are dropped when the next epoch adds its first step.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = -1
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+
+    def add(self, epoch: int, values: dict[str, float], weight: float) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.sums, self.weight = epoch, {}, 0.0
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value * weight
+        self.weight += weight
+
+    def means(self) -> dict[str, float]:
+        return {key: total / self.weight for key, total in self.sums.items()} if self.weight else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "sums": dict(self.sums), "weight": self.weight}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.sums, self.weight = int(state["epoch"]), dict(state["sums"]), float(state["weight"])
+
+
 class RLModule(AdapterTrainingModule):
     """Args:
         encoder: the shared wrapper loading the Stage-1 adapter with new ``lora`` settings (Stage 1 is
@@ -148,6 +181,7 @@ class RLModule(AdapterTrainingModule):
         self.rollout_stats = torch.nn.ModuleDict({key: MeanMetric(dist_sync_on_step=True) for key in (
             "reward", "reward_ge_0_5", "format_failure_rate", "missing_token_rate", "zero_variance_groups",
             "entropy", "reasoning_tokens", "empty_reasoning_rate")})
+        self.epoch_means = EpochMeans()
 
     @property
     def cap(self) -> int:
@@ -186,10 +220,13 @@ class RLModule(AdapterTrainingModule):
         if self.env is not None and self.env.vectors is not None:
             # Under DDP this is rank 0's copy; every rank restores it (each had refreshed its own).
             checkpoint["environment"] = self.env.state_dict()
+        checkpoint["epoch_means"] = self.epoch_means.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self._saved_env = checkpoint.get("environment")
+        if "epoch_means" in checkpoint:
+            self.epoch_means.load_state_dict(checkpoint["epoch_means"])
 
     # ------------------------------------------------------------------ rollouts
     def rollout(self, queries: list[str], query_ids: list[str] | None = None) -> dict[str, Any]:
@@ -337,10 +374,16 @@ class RLModule(AdapterTrainingModule):
             "reasoning_tokens": length,
             "empty_reasoning_rate": (length == 0).float(),
         }
+        step: dict[str, float] = {}
         for key, value in values.items():
             metric = self.rollout_stats[key.replace(".", "_")]
-            metric(value.to(self.device))
-            self.log(f"train/{key}", metric, on_step=True, on_epoch=True, batch_size=n, prog_bar=key == "reward")
+            step[key] = float(metric(value.to(self.device)))  # this step's mean over every rank's rollouts
+            metric.reset()
+        # already the mean over every rank's tokens (the loss normalises by the summed count)
+        step["kl"] = float(terms["kl"])
+        self.log("train/reward_step", step["reward"], batch_size=n, prog_bar=True)
+        self.log_dict({f"train/{k}_step": v for k, v in step.items() if k != "reward"}, batch_size=n)
+        self.epoch_means.add(self.current_epoch, step, weight=n * self.trainer.world_size)
         per_step = {
             "train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()) if n > 1 else 0.0,
             "train/reasoning_tokens_p10": float(length.quantile(0.1)),
@@ -352,8 +395,9 @@ class RLModule(AdapterTrainingModule):
         }
         per_step.update(stats.metrics("env/"))
         self.log_dict(per_step, batch_size=n)
-        # already the mean over every rank's tokens (the loss normalises by the summed count)
-        self.log("train/kl", float(terms["kl"]), on_step=True, on_epoch=True, batch_size=n)
+
+    def on_train_epoch_end(self) -> None:
+        self.log_dict({f"train/{k}_epoch": v for k, v in self.epoch_means.means().items()})
 
     def _log_samples(self) -> None:
         """The last rollouts as a table (query, reasoning, reward) that MLflow's UI shows."""

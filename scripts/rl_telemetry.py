@@ -1,22 +1,35 @@
-"""Stage-2 telemetry of a training run, in blocks of steps, from the MLflow store (markdown table).
+"""Stage-2 telemetry of a training run, in blocks of steps and per epoch, from the MLflow store.
 
-    python scripts/rl_telemetry.py --run-name rl-claim            # every run of that name, in order
+    python scripts/rl_telemetry.py --run-name rl-claim            # markdown: blocks of 10 steps, epochs
     python scripts/rl_telemetry.py --run-name rl-claim --block 20
+    python scripts/rl_telemetry.py --run-name rl-claim --json docs/telemetry/rl-claim.json   # also a JSON
 
 A run resumed before resumed runs continued their MLflow run (see docs/mlflow.md) is spread over
 several runs of one name: they are read in start order and, for a step logged twice (steps redone
-after a checkpoint), the later value counts. Means per block; the last line gives the median wall
-time between consecutive steps.
+after a checkpoint), the later value counts. Epoch means are computed here from the per-step values
+(every step weighs the same: each has the same number of rollouts), grouped by the logged ``epoch``:
+runs logged before 2026-11-30 evening restarted their ``train/*_epoch`` aggregates on resume, so those
+cover only the steps after it. The last line gives the median wall time between consecutive steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
+from pathlib import Path
 
 KEYS = {"mean reward": "train/reward_mean", "share ≥ 0.5": "train/reward_ge_0.5_step",
         "format failures": "train/format_failure_rate_step", "analysis tokens": "train/reasoning_tokens_step",
-        "KL to Stage 1": "train/kl_step", "refresh s": "env/refresh_seconds", "re-encoded docs": "env/reencoded"}
+        "empty analyses": "train/empty_reasoning_rate_step", "zero-variance groups": "train/zero_variance_groups_step",
+        "KL to Stage 1": "train/kl_step", "entropy": "train/entropy_step",
+        "refresh s": "env/refresh_seconds", "re-encoded docs": "env/reencoded"}
+
+
+def _mean(series: dict[int, tuple[float, int]], steps: list[int]) -> float | None:
+    values = [series[s][0] for s in steps if s in series]
+    return statistics.mean(values) if values else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,32 +38,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default="search-r3")
     parser.add_argument("--run-name", default="rl-claim")
     parser.add_argument("--block", type=int, default=10)
+    parser.add_argument("--json", help="also write blocks, epochs and step times to this JSON file")
     args = parser.parse_args(argv)
 
     from search_r3.evaluation.mlflow_runs import runs_named
 
     client, _, runs = runs_named(args.tracking_uri, args.experiment, args.run_name)
-    series: dict[str, dict[int, tuple[float, int]]] = {k: {} for k in KEYS.values()}
+    series: dict[str, dict[int, tuple[float, int]]] = {k: {} for k in [*KEYS.values(), "epoch"]}
     for run in runs:
-        for key in KEYS.values():
+        for key in series:
             for m in client.get_metric_history(run.info.run_id, key):
                 series[key][m.step] = (m.value, m.timestamp)
     steps = sorted(series["train/reward_mean"])
     if not steps:
         raise SystemExit("no train/reward_mean in these runs")
-    print("| steps | " + " | ".join(KEYS) + " |")
-    print("|---" * (len(KEYS) + 1) + "|")
-    for lo in range(0, steps[-1] + 1, args.block):
-        block = [s for s in steps if lo <= s < lo + args.block]
-        cells = []
-        for key in KEYS.values():
-            values = [series[key][s][0] for s in block if s in series[key]]
-            cells.append(f"{statistics.mean(values):.3g}" if values else "–")
-        print(f"| {lo}–{min(lo + args.block, steps[-1] + 1) - 1} | " + " | ".join(cells) + " |")
+
+    def row(selected: list[int]) -> dict[str, float | None]:
+        return {name: _mean(series[key], selected) for name, key in KEYS.items()}
+
+    blocks = [{"steps": [lo, min(lo + args.block, steps[-1] + 1) - 1],
+               **row([s for s in steps if lo <= s < lo + args.block])} for lo in range(0, steps[-1] + 1, args.block)]
+    by_epoch: dict[int, list[int]] = {}
+    for s in steps:
+        by_epoch.setdefault(int(series["epoch"].get(s, (0, 0))[0]), []).append(s)
+    epochs = [{"epoch": e, "steps": [min(ss), max(ss)], "num_steps": len(ss), **row(ss)} for e, ss in sorted(by_epoch.items())]
     times = [series["train/reward_mean"][s][1] for s in steps]
     gaps = [(b - a) / 1000 for a, b, s0, s1 in zip(times, times[1:], steps, steps[1:]) if s1 == s0 + 1]
-    print(f"\n{len(runs)} run(s), steps 0–{steps[-1]}; median wall time between consecutive steps "
-          f"{statistics.median(gaps):.0f} s")
+
+    fmt = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731
+    for title, rows, label in (("Blocks", blocks, "steps"), ("Epochs", epochs, "epoch")):
+        print(f"{title}:\n\n| {label} | " + " | ".join(KEYS) + " |")
+        print("|---" * (len(KEYS) + 1) + "|")
+        for r in rows:
+            name = f"{r['steps'][0]}–{r['steps'][1]}" if label == "steps" else f"{r['epoch'] + 1} (steps {r['steps'][0]}–{r['steps'][1]})"
+            print(f"| {name} | " + " | ".join(fmt(r[k]) for k in KEYS) + " |")
+        print()
+    median_gap = statistics.median(gaps) if gaps else None
+    print(f"{len(runs)} run(s), steps 0–{steps[-1]}; median wall time between consecutive steps "
+          f"{median_gap:.0f} s" if median_gap is not None else "")
+    if args.json:
+        out = {"command": "python scripts/rl_telemetry.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "run_name": args.run_name, "mlflow_runs": [r.info.run_id for r in runs], "last_step": steps[-1],
+               "median_seconds_between_steps": median_gap, "blocks": blocks, "epochs": epochs,
+               "first_epoch": epochs[0], "last_epoch": epochs[-1],
+               "last_epoch_reward_ge_0.5": epochs[-1]["share ≥ 0.5"]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -186,10 +186,12 @@ def test_resume_in_the_middle_of_an_epoch_reaches_the_uninterrupted_state(tiny_l
                                                                           tmp_path: Path, interrupt_at_step) -> None:
     """Interrupted after step 2 of 4 (mid-epoch) and resumed from its checkpoint, an RL run must end where
     the uninterrupted one does: the same queries in the same order, the same sampled rollouts (the
-    random streams come back from the checkpoint) and the same stale environment (not a fresh encode)."""
-    data_kw = {"max_queries": 8}  # 4 batches of 2 queries
+    random streams come back from the checkpoint) and the same stale environment (not a fresh encode).
+    Its per-epoch telemetry covers the whole epoch, not only the steps after the resume."""
+    data_kw = {"max_queries": 8}  # 4 batches of 2 queries: one epoch
     straight = _module(tiny_lm_dir, tmp_path / "a")
-    _trainer(tmp_path / "a", max_steps=4, limit_val_batches=0).fit(straight, datamodule=_data(mini_train_root, **data_kw))
+    straight_trainer = _trainer(tmp_path / "a", max_steps=4, limit_val_batches=0)
+    straight_trainer.fit(straight, datamodule=_data(mini_train_root, **data_kw))
     first = _module(tiny_lm_dir, tmp_path / "b")
     trainer = _trainer(tmp_path / "b", max_steps=4, limit_val_batches=0, callbacks=[interrupt_at_step(2)])
     trainer.fit(first, datamodule=_data(mini_train_root, **data_kw))
@@ -204,6 +206,10 @@ def test_resume_in_the_middle_of_an_epoch_reaches_the_uninterrupted_state(tiny_l
     assert torch.equal(resumed.env.versions, straight.env.versions)
     for name, value in _trainable(straight).items():
         torch.testing.assert_close(_trainable(resumed)[name], value, atol=1e-6, rtol=0)
+    epoch = {k: float(v) for k, v in straight_trainer.callback_metrics.items() if k.endswith("_epoch")}
+    assert {"train/reward_ge_0.5_epoch", "train/kl_epoch", "train/entropy_epoch", "train/reasoning_tokens_epoch"} <= set(epoch)
+    for key, value in epoch.items():
+        assert float(resumed_trainer.callback_metrics[key]) == pytest.approx(value, abs=1e-6), key
 
 
 def test_a_saved_environment_only_restores_onto_its_own_corpus(tiny_lm_dir: Path, mini_train_root: Path,
