@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from search_r3.evaluation.results_record import current_rows, load_rows
+from search_r3.evaluation.results_record import current_rows, load_rows, mode_label
 
 def _latest(rows: list[dict[str, Any]], selector: dict[str, Any]) -> dict[str, Any] | None:
     hits = [r for r in current_rows(rows) if all(r.get(k) == v for k, v in selector.items())]
@@ -66,8 +66,10 @@ def render(claims: list[dict[str, Any]], rows: list[dict[str, Any]], root: Path)
             ours = f"not testable yet: {claim['pending']}"
         lines += [f"## {claim['claim']}", "", f"- **Paper:** {claim['paper']}", f"- **Ours:** {ours}"]
         if "rows" in claim:
-            a, b = claim["rows"]["a"], claim["rows"]["b"]
-            lines.append(f"- **A / B:** `{a.get('retriever')}` {a.get('mode') or ''} / `{b.get('retriever')}` {b.get('mode') or ''}")
+            # a recorded reasoning row says how long its greedy analyses were (no analysis: direct mode)
+            sides = [(sel, _latest(rows, sel)) for sel in (claim["rows"]["a"], claim["rows"]["b"])]
+            a, b = (f"`{sel.get('retriever')}` {mode_label(row) if row else sel.get('mode') or ''}" for sel, row in sides)
+            lines.append(f"- **A / B:** {a} / {b}")
         if claim.get("command"):
             lines.append(f"- **Command:** `{claim['command']}`")
         if claim.get("differs"):

@@ -79,7 +79,7 @@ def _checkpoint(row: dict[str, Any]) -> str:
     return row["checkpoint"] + (f" @{digest[:8]}" if digest else "")
 
 
-def _mode(row: dict[str, Any]) -> str:
+def mode_label(row: dict[str, Any]) -> str:
     """Reasoning rows say how much reasoning there was: greedy analysis tokens (mean) and the share of
     empty analyses; rows recorded before this was measured say so."""
     if row.get("mode") != "reasoning":
@@ -127,7 +127,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
         if r.get("corpus_size") and r.get("num_docs") != r.get("corpus_size"):
             docs += f" of {r['corpus_size']}"
         cells = [
-            r["dataset"], r["split"], r["retriever"], _mode(r), _checkpoint(r), _trained(r),
+            r["dataset"], r["split"], r["retriever"], mode_label(r), _checkpoint(r), _trained(r),
             _fmt(r["nDCG@10"]), _fmt(r["R@100"]), _fmt(r["RR@10"]), _fmt(r.get("num_queries")), docs,
             f"{r['wall_time_s']:.0f}" + (" (docs cached)" if r.get("documents_from_cache") else ""),
             r.get("device", "–") + (f", {r['precision']}" if r.get("precision") else ""),

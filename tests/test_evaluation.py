@@ -283,3 +283,32 @@ def test_results_md_starts_with_one_current_row_per_system(tmp_path: Path) -> No
     assert "| 0.5500 |" in current and "`a`" not in current  # the later bm25 row of the same identity
     assert "@d1" in current and "@d2" in current and "1000 of 5183" in current
     assert "`a`" in history and "`b`" in history
+
+
+def test_reproduction_page_sets_each_claim_beside_its_record(tmp_path: Path) -> None:
+    """The generated page reads our figure from the recorded rows (A - B, with the paired test and the
+    reasoning row's analysis length) or from a JSON file, and says plainly when nothing is recorded."""
+    from search_r3.evaluation.reproduction import render
+
+    base = {"dataset": "scifact", "split": "test", "retriever": "rl", "checkpoint": "runs/rl", "num_queries": 300,
+            "num_docs": 5183, "corpus_size": 5183, "date": "2026-11-30", "protocol": "in-domain", "precision": "fp32"}
+    rows = [{**base, "mode": "reasoning", "nDCG@10": 0.61, "reasoning_tokens_mean": 7.5, "empty_reasoning_rate": 0.02},
+            {**base, "mode": "direct", "nDCG@10": 0.58}]
+    (tmp_path / "paired.json").write_text(json.dumps({"num_queries": 300, "t_statistic": 2.0, "p_value": 0.046,
+                                                      "wins": 40, "ties": 200, "losses": 60}))
+    (tmp_path / "telemetry.json").write_text(json.dumps({"share": 0.71}))
+    claims = [
+        {"claim": "reasoning beats direct", "paper": "+0.048", "paired": "paired.json", "command": "search-r3 test",
+         "rows": {"a": {"retriever": "rl", "mode": "reasoning"}, "b": {"retriever": "rl", "mode": "direct"}}},
+        {"claim": "not run yet", "paper": "+1", "rows": {"a": {"retriever": "other", "mode": "reasoning"},
+                                                        "b": {"retriever": "rl", "mode": "direct"}}},
+        {"claim": "rollouts", "paper": "69%", "benchmark": {"file": "telemetry.json", "key": "share"}},
+        {"claim": "elsewhere", "paper": "x", "pending": "no data here"},
+    ]
+    page = render(claims, rows, tmp_path)
+    assert "A 0.6100 vs B 0.5800: **+0.0300** nDCG@10 (300 queries, 5183 documents" in page
+    assert "p = 0.046 (A wins 40, ties 200, loses 60)" in page
+    assert "`rl` reasoning (7.5 tokens, 2% empty) / `rl` direct" in page
+    assert "not measured yet (no recorded row for A: run the command)" in page
+    assert "share = 0.710 (`telemetry.json`)" in page
+    assert "not testable yet: no data here" in page
