@@ -27,6 +27,7 @@ only indicative; the JSON records the machine and what else was running is the r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -146,12 +147,14 @@ def encoding(quick: bool, reps: int) -> dict[str, Any]:
 def rollouts(quick: bool, reps: int) -> dict[str, Any]:
     """GRPO's sampling as ``configs/rl.yaml`` runs it: G = 4 tempered copies of each of the first SciFact queries,
     up to 32 new tokens, from the Stage-1 adapter (merged) under a fresh LoRA, one ``generate`` per query.
-    Each query's copies sample the same tokens in both variants (same seed), so tokens/s compare like
-    with like: ``rollout_speedup_shared_prefill`` = time with a prefill per copy / time with one shared."""
+    Each query's copies sample the same tokens in every variant (same seed), so tokens/s compare like
+    with like: ``rollout_speedup_shared_prefill`` = time with a prefill per copy / time with one shared;
+    ``rollout_speedup_token_rows_merged`` = time with peft's per-call copy of the vocabulary matrix for
+    the embed-token row / time with the row merged for the generation (both with a shared prefill)."""
     from search_r3.datamodules.beir_files import find_file, iter_jsonl
     from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
 
-    n_queries, group = (2 if quick else 8), 4
+    n_queries, group = (2 if quick else 6), 4
     queries_file = find_file(ROOT.parent / "shared" / "data" / "beir" / "scifact", "queries.jsonl")
     queries = [obj["text"] for _, (_, obj) in zip(range(n_queries), iter_jsonl(queries_file))]
     model = EmbeddingLM(base_model="smollm2-135m-instruct", dtype="auto", max_query_tokens=64,
@@ -161,7 +164,11 @@ def rollouts(quick: bool, reps: int) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.lm.to(device)
 
-    def sample(shared: bool) -> int:
+    merge_rows = model._token_rows_merged
+
+    def sample(shared: bool, merged_rows: bool) -> int:
+        # merged_rows=False: peft's own path, a full copy of the vocabulary matrix per forward call
+        model._token_rows_merged = merge_rows if merged_rows else contextlib.nullcontext  # type: ignore[method-assign]
         new_tokens = 0
         for i, query in enumerate(queries):
             torch.manual_seed(i)
@@ -170,13 +177,15 @@ def rollouts(quick: bool, reps: int) -> dict[str, Any]:
             new_tokens += sum(len(r) for r in gen.responses)
         return new_tokens
 
-    sample(True)  # warm-up
+    variants = {"shared_prefill": (True, True), "prefill_per_copy": (False, True),
+                "shared_prefill_peft_token_rows": (True, False)}
+    sample(True, True)  # warm-up
     times: dict[str, list[float]] = defaultdict(list)
     counts: dict[str, int] = {}
     for _ in range(reps):
-        for name, shared in (("shared_prefill", True), ("prefill_per_copy", False)):
+        for name, (shared, merged_rows) in variants.items():
             start = time.perf_counter()
-            counts[name] = sample(shared)
+            counts[name] = sample(shared, merged_rows)
             _sync()
             times[name].append(time.perf_counter() - start)
     median = {k: statistics.median(v) for k, v in times.items()}
@@ -188,6 +197,7 @@ def rollouts(quick: bool, reps: int) -> dict[str, Any]:
         "seconds_all": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "sampled_tokens_per_second": {k: round(counts[k] / median[k], 1) for k in median},
         "rollout_speedup_shared_prefill": round(median["prefill_per_copy"] / median["shared_prefill"], 3),
+        "rollout_speedup_token_rows_merged": round(median["shared_prefill_peft_token_rows"] / median["shared_prefill"], 3),
     }
 
 

@@ -256,6 +256,31 @@ class EmbeddingLM(nn.Module):
         with self.eval_mode(), torch.no_grad():
             yield
 
+    @contextmanager
+    def _token_rows_merged(self) -> Iterator[None]:
+        """The trained embed-token row written into the embedding (and LM head) weights for a no-grad
+        block, and the original row copied back after it.
+
+        peft's ``TrainableTokensLayer`` builds a full copy of the vocabulary matrix on every forward call
+        (49k x 576 for SmolLM2, twice with a tied head): negligible for a batch of documents, but
+        generation calls the model once per new token, and py-spy put 43% of a rollout's time there.
+        Merging is a row copy, and unmerging copies peft's saved original row back, so the weights come
+        back bit for bit and the outputs are the ones the unmerged layers give."""
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+        layers = [m for m in self.lm.modules() if isinstance(m, TrainableTokensLayer)
+                  and not m.merged and not m.disable_adapters and m.active_adapters]
+        if torch.is_grad_enabled() or not layers:
+            yield
+            return
+        for layer in layers:
+            layer.merge()
+        try:
+            yield
+        finally:
+            for layer in reversed(layers):
+                layer.unmerge()
+
     def fingerprint(self) -> str:
         """Identifies what determines the embeddings: base model, adapter *content*, prompts,
         truncation and dtype. Keys the document-embedding cache, so a retrained adapter saved at the
@@ -459,7 +484,7 @@ class EmbeddingLM(nn.Module):
             eos_token_id=stops,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        with self.inference():
+        with self.inference(), self._token_rows_merged():
             cache = None
             if share_prefill and copies > 1 and ids.shape[1] > 1:
                 cache = self._prefill_cache(ids[:, :-1], mask[:, :-1])
