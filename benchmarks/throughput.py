@@ -3,6 +3,7 @@ their time (issue 21).
 
     .venv/bin/python benchmarks/throughput.py            # -> benchmarks/results/throughput.json
     .venv/bin/python benchmarks/throughput.py --quick    # tiny sizes, a rehearsal -> throughput_quick.json
+    .venv/bin/python benchmarks/throughput.py --only rollouts   # re-measure one section into the JSON
     .venv/bin/python benchmarks/throughput.py --out benchmarks/results/throughput_gpu_h200.json   # on a GPU
 
 Encoding (the first 64 SciFact documents in corpus order, at the evaluation truncation of 256 tokens, batches of 32;
@@ -16,6 +17,10 @@ every time is the median of ``--reps`` repetitions, the variants interleaved so 
 - achieved FLOP/s (2 x non-embedding parameters x tokens) over the peak of a 2048^2 matmul in the same
   dtype measured in the same run: ``encode_fraction_of_matmul_peak`` (and ``_adapter``);
 - all-MiniLM-L6-v2 through sentence-transformers, a tuned library's figure for reference.
+
+Rollouts (``rollouts``): GRPO's sampling with one prefill shared by the G copies of a query against a
+prefill per copy (``rollout_speedup_shared_prefill``), and with the embed-token row merged for the
+generation against peft's per-call copy of the vocabulary matrix (``rollout_speedup_token_rows_merged``).
 
 Step profiles: a few optimizer steps of ``configs/sft.yaml`` and ``configs/rl.yaml`` (small caps) with
 every phase timed where it happens: generation (``generate_reasoning``), environment refresh
