@@ -307,10 +307,23 @@ def update_section(out: Path, opts: argparse.Namespace, reps: int) -> None:
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": _machine(), "repetitions": reps, "wall_seconds": round(time.perf_counter() - start, 1)})
     result["rollouts"] = section
-    result["rollout_speedup_shared_prefill"] = section["rollout_speedup_shared_prefill"]
+    _headline(result)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in section.items() if k != "seconds_all"}))
     print(f"updated {out}")
+
+
+HEADLINE = {"encoding": ("encode_speedup_vs_plain_hf", "adapter_encode_time_ratio", "encode_fraction_of_matmul_peak",
+                         "encode_fraction_of_matmul_peak_adapter"),
+            "rollouts": ("rollout_speedup_shared_prefill", "rollout_speedup_token_rows_merged")}
+
+
+def _headline(result: dict[str, Any]) -> None:
+    """The issue's keys at the top level of the JSON, copied from the sections that measured them."""
+    for section, keys in HEADLINE.items():
+        for key in keys:
+            if key in result.get(section, {}):
+                result[key] = result[section][key]
 
 
 def _machine() -> str:
@@ -342,11 +355,8 @@ def main() -> None:
         "torch": torch.__version__, "repetitions": reps,
         "encoding": encoding(opts.quick, reps),
     }
-    for key in ("encode_speedup_vs_plain_hf", "adapter_encode_time_ratio", "encode_fraction_of_matmul_peak",
-                "encode_fraction_of_matmul_peak_adapter"):
-        result[key] = result["encoding"][key]
     result["rollouts"] = rollouts(opts.quick, reps)
-    result["rollout_speedup_shared_prefill"] = result["rollouts"]["rollout_speedup_shared_prefill"]
+    _headline(result)
     print(json.dumps({k: v for k, v in result.items() if k != "encoding"}), flush=True)
     if not opts.skip_profiles:
         result["step_profiles"] = {name: profile_stage(args) for name, args in stage_args(opts.quick).items()}

@@ -23,8 +23,7 @@ def _latest(rows: list[dict[str, Any]], selector: dict[str, Any]) -> dict[str, A
     return max(hits, key=lambda r: str(r.get("date", ""))) if hits else None
 
 
-def _ours_from_rows(claim: dict[str, Any], rows: list[dict[str, Any]], root: Path) -> str:
-    a, b = _latest(rows, claim["rows"]["a"]), _latest(rows, claim["rows"]["b"])
+def _ours_from_rows(claim: dict[str, Any], a: dict[str, Any] | None, b: dict[str, Any] | None, root: Path) -> str:
     if a is None or b is None:
         missing = [name for name, row in (("A", a), ("B", b)) if row is None]
         return f"not measured yet (no recorded row for {' and '.join(missing)}: run the command)"
@@ -58,16 +57,16 @@ def render(claims: list[dict[str, Any]], rows: list[dict[str, Any]], root: Path)
              "is not reachable here: `../shared/notes/paper.md`). Ours are on a 135M-parameter model trained on CPU,",
              "so they test the direction of each claim at small scale, not its size.", ""]
     for claim in claims:
-        if "rows" in claim:
-            ours = _ours_from_rows(claim, rows, root)
+        sides = [(sel, _latest(rows, sel)) for sel in (claim["rows"]["a"], claim["rows"]["b"])] if "rows" in claim else []
+        if sides:
+            ours = _ours_from_rows(claim, sides[0][1], sides[1][1], root)
         elif "benchmark" in claim:
             ours = _ours_from_benchmark(claim, root)
         else:
             ours = f"not testable yet: {claim['pending']}"
         lines += [f"## {claim['claim']}", "", f"- **Paper:** {claim['paper']}", f"- **Ours:** {ours}"]
-        if "rows" in claim:
+        if sides:
             # a recorded reasoning row says how long its greedy analyses were (no analysis: direct mode)
-            sides = [(sel, _latest(rows, sel)) for sel in (claim["rows"]["a"], claim["rows"]["b"])]
             a, b = (f"`{sel.get('retriever')}` {mode_label(row) if row else sel.get('mode') or ''}" for sel, row in sides)
             lines.append(f"- **A / B:** {a} / {b}")
         if claim.get("command"):

@@ -139,34 +139,40 @@ def test_copies_of_a_prompt_share_one_prefill_and_sample_what_separate_prefills_
     assert all(greedy.responses[i] == greedy.responses[i - i % copies] for i in range(len(greedy.responses)))
 
 
-def test_generation_merges_the_token_row_for_speed_and_restores_the_weights_exactly(
+def test_inference_merges_the_token_row_for_speed_and_restores_the_weights_exactly(
         tiny_lm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Generation writes the trained embed-token row into the (tied) vocabulary matrix instead of letting
-    peft copy the whole matrix at every new token: the sampled tokens are those of the unmerged layers,
-    and afterwards the weights are the original ones bit for bit (training goes on from them)."""
+    """No-grad forwards (generation, encoding) write the trained embed-token row into the (tied)
+    vocabulary matrix instead of letting peft copy the whole matrix at every call: the sampled tokens
+    and the embeddings are those of peft's own path, and afterwards the weights are the original ones
+    bit for bit (training goes on from them)."""
     from contextlib import nullcontext
+
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     model = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", lora=LoraSettings(r=4, alpha=8),
                         max_reasoning_tokens=6, show_progress=False)
     _perturb_trainables(model)  # a trained token row that differs from the base row
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-
     copies_of_the_matrix = []
     full_copy = TrainableTokensLayer.get_merged_weights
     monkeypatch.setattr(TrainableTokensLayer, "get_merged_weights",
                         lambda self, *a: copies_of_the_matrix.append(1) or full_copy(self, *a))
     before = {n: t.detach().clone() for n, t in model.lm.state_dict().items()}
     queries = ["Who wrote Hamlet?", "vitamin D"]
-    torch.manual_seed(3)
-    merged = model.generate_reasoning(queries, do_sample=True, temperature=1.3, copies=2)
+
+    def run() -> tuple[list[list[int]], torch.Tensor]:
+        torch.manual_seed(3)
+        gen = model.generate_reasoning(queries, do_sample=True, temperature=1.3, copies=2)
+        return gen.responses, model.encode_documents(TEXTS)
+
+    merged = run()
     assert not copies_of_the_matrix
     after = model.lm.state_dict()
     assert all(torch.equal(after[n], t) for n, t in before.items())
     monkeypatch.setattr(EmbeddingLM, "_token_rows_merged", lambda self: nullcontext())
-    torch.manual_seed(3)
-    unmerged = model.generate_reasoning(queries, do_sample=True, temperature=1.3, copies=2)
+    peft_path = run()
     assert copies_of_the_matrix  # peft's path: a full copy per forward call
-    assert merged.responses == unmerged.responses
+    assert merged[0] == peft_path[0]
+    torch.testing.assert_close(merged[1], peft_path[1], atol=0, rtol=0)
 
 
 def test_lora_trains_only_adapters_and_the_token_row(tiny_lm_dir: Path) -> None:
