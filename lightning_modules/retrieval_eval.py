@@ -92,13 +92,17 @@ class ProgressLog(L.Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, trainer.num_val_batches)
 
-    def _step(self) -> None:
+    def _step(self, skipped: bool = False) -> None:
         self.done += 1
         if self.line is not None:
+            if skipped:
+                self.line.skip()
             self.line.update(self.done)
 
-    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        self._step()
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any,
+                          **kwargs: Any) -> None:
+        # test_step says how many texts it encoded: 0 for a batch a resumed run already has
+        self._step(skipped=isinstance(outputs, dict) and outputs.get("encoded") == 0)
 
     def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
         self._step()
@@ -182,8 +186,10 @@ class RetrievalEvalModule(L.LightningModule):
                         self._last_partial_save[(i, task.name)] = time.monotonic()
                         self._load_partial(i, retriever, task)
 
-    def test_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def test_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> dict[str, int]:
+        """Encode the batch with every dense retriever; returns how many texts were encoded (for the ETA)."""
         task, kind, texts = batch["task"][0], batch["kind"][0], batch["text"]
+        encoded = 0
         for i, retriever in enumerate(self.retrievers):
             if not isinstance(retriever, DenseRetriever):
                 continue
@@ -197,6 +203,7 @@ class RetrievalEvalModule(L.LightningModule):
                 start = time.perf_counter()
                 self.store.add((i, task, "document"), [batch["index"][k] for k in todo],
                                retriever.encode_documents([texts[k] for k in todo]))
+                encoded += len(todo)
                 self._seconds[(i, task)] += time.perf_counter() - start
                 self._maybe_save_partial(i, task)
             else:
@@ -208,6 +215,8 @@ class RetrievalEvalModule(L.LightningModule):
                     if new:
                         self._reasoning[(i, task, mode)].update(zip((int(x) for x in batch["index"]), new))
                     self._seconds[(i, task, mode)] += time.perf_counter() - start
+                    encoded += len(texts)
+        return {"encoded": encoded}
 
     def on_test_epoch_end(self) -> None:
         metrics: dict[str, float] = {}

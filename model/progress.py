@@ -32,13 +32,20 @@ class ProgressLine:
     def __init__(self, desc: str, total: int | None, unit: str = "batches", every: float = 30.0) -> None:
         self.desc, self.total, self.unit, self.every = desc, total, unit, every
         self.start = self.last = time.perf_counter()
+        self.skipped = 0
+
+    def skip(self, count: int = 1) -> None:
+        """Count units that cost nothing (work a resumed run already has): they advance ``done`` but stay
+        out of the rate, or a resumed run would promise an ETA as if every unit were that cheap."""
+        self.skipped += count
 
     def line(self, done: int) -> str:
         elapsed = time.perf_counter() - self.start
         if not self.total:
             return f"{self.desc}: {done} {self.unit}, {_clock(elapsed)} elapsed"
-        eta = elapsed / done * (self.total - done) if done else float("nan")
-        eta_text = _clock(eta) if done else "?"
+        worked = done - self.skipped
+        eta = elapsed / worked * (self.total - done) if worked > 0 else float("nan")
+        eta_text = _clock(eta) if worked > 0 else "?"
         return (f"{self.desc}: {done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%), "
                 f"{_clock(elapsed)} elapsed, ETA {eta_text}")
 

@@ -11,7 +11,8 @@ import pytest
 from search_r3.datamodules.beir import BEIRDataModule
 from search_r3.evaluation.retrievers import EmbeddingLMRetriever
 from search_r3.model.embedding_lm import EmbeddingLM
-from search_r3.lightning_modules.retrieval_eval import RetrievalEvalModule
+from search_r3.lightning_modules.retrieval_eval import ProgressLog, RetrievalEvalModule
+from search_r3.model.progress import ProgressLine
 
 
 class _Killed(Exception):
@@ -63,9 +64,18 @@ def test_an_interrupted_run_resumes_the_corpus_where_it_stopped(tiny_lm_dir: Pat
     assert len(list((tmp_path / "cache").glob("*.partial-rank0.pt"))) == 1
     resumed, calls = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, partial_save_s=0, max_reasoning_tokens=4)
     assert sum(calls) == num_docs - 32  # only the batch the killed run had not reached
+    progress = next(c for c in resumed.trainer.callbacks if isinstance(c, ProgressLog))
+    assert progress.line.skipped == 2  # the two batches it already had cost nothing and stay out of the ETA
     assert [r.metrics for r in resumed.rows] == [r.metrics for r in straight.rows]
     assert list((tmp_path / "cache").glob("*.partial*")) == []  # the finished cache replaces the partial file
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+
+def test_the_eta_leaves_out_work_a_resumed_run_already_had() -> None:
+    line = ProgressLine("evaluate", total=10)
+    line.start -= 100.0  # 100 s in: five batches came from a partial file, one was encoded
+    line.skip(5)
+    assert line.line(6).endswith("ETA 6m40s")  # 4 left at 100 s each, not at 100/6 s
 
 
 def test_retriever_names_must_be_unique(tiny_lm_dir: Path) -> None:
