@@ -254,15 +254,13 @@ class RLModule(AdapterTrainingModule):
         ids, mask = self.encoder.pad([p + r for p, r in zip(gen.prompts, gen.responses)])
         policy = torch.zeros_like(mask, dtype=torch.bool)
         targets = ids.clone()
-        analysis = []
         for i, (p, r, miss, stop) in enumerate(zip(gen.prompts, gen.responses, gen.missing, gen.stop_tokens)):
             end = len(p) + len(r) - (close if miss else 0)  # end of what was sampled before any fix-up
             policy[i, len(p): end] = True
             if stop is not None:  # the turn ended here: the sampled stop token is the action to score
                 policy[i, end] = True
                 targets[i, end] = stop
-            analysis.append(end - len(p) - (0 if miss else 1))  # without the embed token itself
-        analysis_len = torch.tensor(analysis)
+        analysis_len = torch.tensor(gen.analysis_tokens)  # without the closing words (EmbeddingLM.analysis_length)
         missing = torch.tensor(gen.missing)
         return {"texts": texts, "input_ids": ids, "attention_mask": mask, "policy": policy, "targets": targets,
                 "missing": missing, "capped": missing & torch.tensor([s is None for s in gen.stop_tokens]),

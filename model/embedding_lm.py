@@ -88,7 +88,7 @@ class ReasoningRecord:
 
     query: str
     analysis: str
-    tokens: int  # analysis tokens (0: the embed token came first)
+    tokens: int  # analysis tokens, without the closing words (0: nothing but "The embedding is" and the token)
     appended: bool  # the model never wrote the embed token within the budget; it was appended
 
 
@@ -102,9 +102,9 @@ class ReasoningOutput:
     """
 
     embeddings: Tensor  # [B, d] fp32, unit norm
-    texts: list[str]  # the generated analysis, without the closing embed sentence
+    texts: list[str]  # the generated analysis, without the closing sentence ("The embedding is ...")
     missing_embed_token: Tensor  # [B] bool: the model never emitted the token; it was appended
-    analysis_tokens: Tensor  # [B] generated tokens before the embed token (0: no analysis at all)
+    analysis_tokens: Tensor  # [B] generated tokens before the closing sentence (0: no analysis at all)
     input_ids: Tensor
     attention_mask: Tensor
     prompt_lengths: Tensor  # [B]
@@ -498,8 +498,26 @@ class EmbeddingLM(nn.Module):
         finished = [close_response(row, self.embed_token_id, set(stops) | {pad}, close_ids) for row in new]
         responses = [r for r, _, _ in finished]
         missing = [m for _, m, _ in finished]
-        analysis = [len(r) - (len(close_ids) if m else 1) for r, m in zip(responses, missing)]
+        analysis = [self.analysis_length(r[: len(r) - (len(close_ids) if m else 1)]) for r, m in zip(responses, missing)]
         return Generated(prompts, responses, missing, [s for _, _, s in finished], analysis)
+
+    def analysis_length(self, written: list[int]) -> int:
+        """How many of the tokens a model wrote before its embed token are analysis: all of them, less a
+        closing sentence ("The embedding is") at their end.
+
+        Those words are the response format, not reasoning. Counted, a collapsed policy that answers
+        every query with "The embedding is <|embed_token|>" (direct mode under another prompt) would be
+        reported as writing 4 tokens of reasoning with no empty analyses; ``min_reasoning_tokens`` would
+        be met by the format alone. Matched on decoded text, so any split of the words into tokens (with
+        or without a leading space, any case) is found."""
+        words = self.prompts.closing_words.casefold()
+        if not words:
+            return len(written)
+        longest = len(self.tokenizer(words, add_special_tokens=False)["input_ids"]) + 2
+        for k in range(1, min(len(written), longest) + 1):
+            if self.tokenizer.decode(written[-k:]).strip().casefold() == words:
+                return len(written) - k
+        return len(written)
 
     def _prefill_cache(self, ids: Tensor, mask: Tensor) -> Any:
         """The key/value cache of left-padded prompts, positioned as ``generate`` positions them (from
@@ -519,13 +537,9 @@ class EmbeddingLM(nn.Module):
         ids, mask = self.pad([p + r for p, r in zip(gen.prompts, gen.responses)])
         with self.inference():
             emb = self.embed_at_token(ids, mask).cpu()
-        close = self.prompts.reasoning_close
-        analyses = []
-        for resp, miss in zip(gen.responses, gen.missing):
-            text = self.tokenizer.decode(resp, skip_special_tokens=False)
-            if miss and text.endswith(close):
-                text = text[: -len(close)]
-            analyses.append(text.replace(EMBED_TOKEN, "").strip())
+        # the analysis is a prefix of every response: what comes before the closing words
+        analyses = [self.tokenizer.decode(resp[:n], skip_special_tokens=False).strip()
+                    for resp, n in zip(gen.responses, gen.analysis_tokens)]
         self.reasoning_log.extend(ReasoningRecord(q, a, n, m) for q, a, n, m
                                   in zip(texts, analyses, gen.analysis_tokens, gen.missing))
         return ReasoningOutput(

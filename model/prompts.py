@@ -51,6 +51,13 @@ class PromptTemplates:
         return self.query_system if side == "query" else self.document_system
 
     @property
+    def closing_words(self) -> str:
+        """The words before the embed token in ``reasoning_close`` ("The embedding is"): the format's
+        closing sentence, not analysis. A response that is only these words and the token wrote none."""
+        head, _, _ = self.reasoning_close.partition(EMBED_TOKEN)
+        return head.strip()
+
+    @property
     def embed_prefix(self) -> str:
         """The direct-mode assistant turn up to and including the embed token."""
         head, _, _ = self.embed_response.partition(EMBED_TOKEN)

@@ -84,6 +84,21 @@ def test_close_response_cuts_at_token_or_appends_it() -> None:
     assert close_response([5, 6, 7], emb, {eos, pad}, [8, emb]) == ([5, 6, 7, 8, emb], True, None)  # hit the cap
 
 
+def test_the_closing_words_are_format_not_analysis(tiny_lm: EmbeddingLM) -> None:
+    """"The embedding is" before the token is the response format: a policy that writes only that has
+    an empty analysis (direct mode under another prompt), and must be reported so."""
+    def ids(text: str) -> list[int]:
+        return tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    analysis = ids("Looks for trials of vitamin D.")
+    assert tiny_lm.analysis_length(ids("The embedding is")) == 0
+    assert tiny_lm.analysis_length(ids(" The embedding is")) == 0
+    assert tiny_lm.analysis_length(analysis + ids(" the embedding is")) == len(analysis)
+    assert tiny_lm.analysis_length(analysis) == len(analysis)
+    assert tiny_lm.analysis_length(analysis + ids(" is")) == len(analysis) + len(ids(" is"))
+    assert tiny_lm.analysis_length([]) == 0
+
+
 def test_reasoning_mode_flags_and_counts_missing_tokens(tiny_lm: EmbeddingLM) -> None:
     out = tiny_lm.reason(["Who wrote Hamlet?", "vitamin D"])
     assert out.embeddings.shape == (2, tiny_lm.hidden_size)
