@@ -250,7 +250,7 @@ class RLModule(AdapterTrainingModule):
                                                              temperature=self.temperature, top_p=self.top_p))
         gen = Generated(*(sum((getattr(p, f) for p in parts), []) for f in
                           ("prompts", "responses", "missing", "stop_tokens", "analysis_tokens")))
-        close = len(self.encoder.tokenizer(self.encoder.prompts.reasoning_close, add_special_tokens=False)["input_ids"])
+        close = len(self.encoder.reasoning_close_ids)
         ids, mask = self.encoder.pad([p + r for p, r in zip(gen.prompts, gen.responses)])
         policy = torch.zeros_like(mask, dtype=torch.bool)
         targets = ids.clone()

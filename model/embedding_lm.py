@@ -177,6 +177,7 @@ class EmbeddingLM(nn.Module):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.embed_token_id: int = self.tokenizer.convert_tokens_to_ids(EMBED_TOKEN)
+        self._close_ids: list[int] | None = None  # reasoning_close_ids, tokenised on first use
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
         _add_embed_token_row(lm, self.embed_token_id)
         if adapter is not None:
@@ -493,13 +494,21 @@ class EmbeddingLM(nn.Module):
             extra = {"cache": cache} if cache is not None else {}
             generated = self.lm.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
         new = generated[:, ids.shape[1] :].tolist()
-        close_ids = self.tokenizer(self.prompts.reasoning_close, add_special_tokens=False)["input_ids"]
+        close_ids = self.reasoning_close_ids
         pad = self.tokenizer.pad_token_id
         finished = [close_response(row, self.embed_token_id, set(stops) | {pad}, close_ids) for row in new]
         responses = [r for r, _, _ in finished]
         missing = [m for _, m, _ in finished]
         analysis = [self.analysis_length(r[: len(r) - (len(close_ids) if m else 1)]) for r, m in zip(responses, missing)]
         return Generated(prompts, responses, missing, [s for _, _, s in finished], analysis)
+
+    @property
+    def reasoning_close_ids(self) -> list[int]:
+        """Token ids of ``prompts.reasoning_close`` (the fix-up appended to a trajectory without the
+        token), tokenised once: every rollout needs them."""
+        if self._close_ids is None:
+            self._close_ids = self.tokenizer(self.prompts.reasoning_close, add_special_tokens=False)["input_ids"]
+        return self._close_ids
 
     def analysis_length(self, written: list[int]) -> int:
         """How many of the tokens a model wrote before its embed token are analysis: all of them, less a
@@ -513,7 +522,7 @@ class EmbeddingLM(nn.Module):
         words = self.prompts.closing_words.casefold()
         if not words:
             return len(written)
-        longest = len(self.tokenizer(words, add_special_tokens=False)["input_ids"]) + 2
+        longest = len(self.reasoning_close_ids) + 2  # the words, the token, and room for another split
         for k in range(1, min(len(written), longest) + 1):
             if self.tokenizer.decode(written[-k:]).strip().casefold() == words:
                 return len(written) - k

@@ -40,9 +40,12 @@ def _mean(series: dict[int, tuple[float, int]], steps: list[int]) -> float | Non
     return statistics.mean(values) if values else None
 
 
-def recount_samples(client: Any, runs: list, base_model: str, epoch_of: dict[int, int]) -> dict[str, Any]:
+def recount_samples(client: Any, runs: list, base_model: str, epoch_of: dict[int, int],
+                    min_tokens: int) -> dict[str, Any]:
     """Analysis lengths of every logged sample table: per table, per epoch and over all tables of a kind.
-    A table logged at global step s holds the rollouts of step s - 1 (``epoch_of`` maps steps to epochs)."""
+    A table logged at global step s holds the rollouts of step s - 1 (``epoch_of`` maps steps to epochs).
+    ``share_at_least_min`` is the share with ``min_tokens`` or more (what a length condition would pass).
+    The encoder is loaded for its tokenizer and prompts, the inputs of ``analysis_length``."""
     import tempfile
 
     from search_r3.model.embedding_lm import EmbeddingLM
@@ -59,7 +62,7 @@ def recount_samples(client: Any, runs: list, base_model: str, epoch_of: dict[int
         n = len(lengths)
         return {"samples": n, "analysis_tokens_mean": round(sum(lengths) / n, 2),
                 "empty_share": round(sum(x == 0 for x in lengths) / n, 3),
-                "share_8_or_more": round(sum(x >= 8 for x in lengths) / n, 3)}
+                "min_tokens": min_tokens, "share_at_least_min": round(sum(x >= min_tokens for x in lengths) / n, 3)}
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recount", action="store_true",
                         help="re-measure the analyses of the logged sample tables (see the module docstring)")
     parser.add_argument("--base-model", default="smollm2-135m-instruct", help="tokenizer for --recount")
+    parser.add_argument("--min-tokens", type=int, default=8,
+                        help="--recount also reports the share of analyses at least this long")
     args = parser.parse_args(argv)
 
     from search_r3.evaluation.mlflow_runs import runs_named
@@ -130,16 +135,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(runs)} run(s), steps 0–{steps[-1]}; median wall time between consecutive steps "
           f"{median_gap:.0f} s" if median_gap is not None else "")
     epoch_of = {step: int(value) for step, (value, _) in series["epoch"].items()}
-    samples = recount_samples(client, runs, args.base_model, epoch_of) if args.recount else {}
+    samples = recount_samples(client, runs, args.base_model, epoch_of, args.min_tokens) if args.recount else {}
     for kind, what in (("rollouts", "sampled rollouts"), ("reasoning", "greedy validation analyses")):
         if kind in samples:
             a = samples[kind]["all"]
             print(f"{what}, recounted (steps {samples[kind]['steps'][0]}–{samples[kind]['steps'][1]}, "
                   f"{a['samples']} samples): mean {a['analysis_tokens_mean']} analysis tokens, "
-                  f"{a['empty_share']:.0%} empty, {a['share_8_or_more']:.0%} with 8 or more")
+                  f"{a['empty_share']:.0%} empty, {a['share_at_least_min']:.0%} with {args.min_tokens} or more")
             for epoch, e in samples[kind]["per_epoch"].items():
                 print(f"  epoch {epoch}: {e['samples']} samples, mean {e['analysis_tokens_mean']}, "
-                      f"{e['empty_share']:.0%} empty, {e['share_8_or_more']:.0%} with 8 or more")
+                      f"{e['empty_share']:.0%} empty, {e['share_at_least_min']:.0%} with {args.min_tokens} or more")
     if args.json:
         out = {"command": "python scripts/rl_telemetry.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "run_name": args.run_name, "mlflow_runs": [r.info.run_id for r in runs], "last_step": steps[-1],

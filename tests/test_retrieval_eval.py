@@ -65,7 +65,7 @@ def test_an_interrupted_run_resumes_the_corpus_where_it_stopped(tiny_lm_dir: Pat
     resumed, calls = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, partial_save_s=0, max_reasoning_tokens=4)
     assert sum(calls) == num_docs - 32  # only the batch the killed run had not reached
     progress = next(c for c in resumed.trainer.callbacks if isinstance(c, ProgressLog))
-    assert progress.line.skipped == 2  # the two batches it already had cost nothing and stay out of the ETA
+    assert progress.skipped == 2  # the two batches it already had cost nothing and stay out of the ETA
     assert [r.metrics for r in resumed.rows] == [r.metrics for r in straight.rows]
     assert list((tmp_path / "cache").glob("*.partial*")) == []  # the finished cache replaces the partial file
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
