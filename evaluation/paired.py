@@ -13,6 +13,18 @@ Which queries count: the run's recorded query set (its ``.meta.json`` sidecar, s
 qrels. A query the run file has no line for (no hit) scores 0, exactly as the results table counts it,
 and the number of such queries is printed. Two runs over different corpora (digest, cap) or query sets
 are refused unless ``--force``: their difference would not be the systems' difference.
+
+A two-adapter table (Stage 2 and Stage 1, each in direct and reasoning mode) asks for four tests per
+dataset; ``--grid`` runs them all from the table's run directory, so no hand-typed path pairs the wrong
+rows::
+
+    search-r3-paired --grid runs/eval/<stamp> --system smollm2-rl-claim --baseline smollm2-sft-claim \
+        --out docs/paired
+
+reasoning vs direct under the system and under the baseline, and system vs baseline in each mode, for
+every dataset the system has run files for; each lands as ``<out>/<dataset>.<A>-vs-<B>.json`` and one
+markdown table line per test is printed for the docs. ``--baseline-runs`` reads the baseline from another
+command's directory (an ablation table beside the claim table); the sidecars still guard the pairing.
 """
 
 from __future__ import annotations
@@ -121,29 +133,96 @@ def paired_comparison(qrels: Qrels, run_a: Run, run_b: Run, measure: str = "nDCG
     )
 
 
+def compare_run_files(qrels_path: Path, run_a: str | Path, run_b: str | Path, measure: str = "nDCG@10",
+                      force: bool = False) -> PairedComparison:
+    """The paired comparison of two run files over the queries both were made for (their sidecars),
+    refusing runs over different corpora or query sets unless ``force`` (then warning on stderr)."""
+    qrels, _ = read_qrels(qrels_path, ReadReport(), "error")
+    meta_a, meta_b = read_provenance(run_a), read_provenance(run_b)
+    for reason in check_comparable(meta_a, meta_b, force):
+        print(f"warning: {reason}", file=sys.stderr)
+    queries_a, queries_b = scored_queries(qrels, meta_a), scored_queries(qrels, meta_b)
+    if queries_a != queries_b and not force:
+        raise DataFormatError(f"the runs were made for different queries ({len(queries_a)} vs {len(queries_b)}); "
+                              f"--force pairs them over the qrels' judged queries")
+    queries = queries_a if queries_a == queries_b else sorted(qrels)
+    return paired_comparison(qrels, read_run(run_a), read_run(run_b), measure, queries)
+
+
+def grid_run_file(directory: Path, dataset: str, system: str, mode: str) -> Path:
+    path = directory / f"run.{dataset}.{system}.{mode}.trec"
+    if not path.is_file():
+        raise DataFormatError(f"{path} does not exist: was {system} scored on {dataset} in {mode} mode there?")
+    return path
+
+
+def grid_pairs(runs: Path, system: str, baseline: str, baseline_runs: Path | None = None
+               ) -> list[tuple[str, str, Path, Path]]:
+    """(dataset, test name, run A, run B) of every test a two-adapter table asks for, for each dataset
+    ``system`` has run files for in ``runs`` (from the file names ``run.<dataset>.<system>.<mode>.trec``)."""
+    base_dir = baseline_runs or runs
+    datasets = sorted({p.name.split(".")[1] for p in runs.glob(f"run.*.{system}.*.trec")})
+    if not datasets:
+        raise DataFormatError(f"no run files of {system} in {runs} (run.<dataset>.{system}.<mode>.trec)")
+    pairs = []
+    for dataset in datasets:
+        for name, directory in ((system, runs), (baseline, base_dir)):
+            pairs.append((dataset, f"{name}.reasoning-vs-direct", grid_run_file(directory, dataset, name, "reasoning"),
+                          grid_run_file(directory, dataset, name, "direct")))
+        for mode in ("reasoning", "direct"):
+            pairs.append((dataset, f"{mode}.{system}-vs-{baseline}", grid_run_file(runs, dataset, system, mode),
+                          grid_run_file(base_dir, dataset, baseline, mode)))
+    return pairs
+
+
+def _markdown_line(name: str, res: PairedComparison) -> str:
+    return (f"| {name} | {res.mean_a:.4f} | {res.mean_b:.4f} | {res.mean_difference:+.4f} ± {res.standard_error:.4f} "
+            f"| {res.t_statistic:.2f} | {res.p_value:.3f} | {res.wins}/{res.ties}/{res.losses} | {res.num_queries} |")
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    pairs = grid_pairs(args.grid, args.system, args.baseline, args.baseline_runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"| {args.measure}: A vs B | A | B | A − B ± s.e. | t | p | A wins/ties/loses | queries |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dataset, name, run_a, run_b in pairs:
+        provenance = read_provenance(run_a)
+        split = provenance.split if provenance is not None else "test"
+        res = compare_run_files(args.data_root / "beir" / dataset / "qrels" / f"{split}.tsv", run_a, run_b,
+                                args.measure, args.force)
+        target = args.out / f"{dataset}.{name}.json"
+        target.write_text(json.dumps({**asdict(res), "run_a": str(run_a), "run_b": str(run_b)}, indent=2) + "\n")
+        print(_markdown_line(f"{dataset}: {name} (`{target}`)", res))
+
+
 def main(argv: list[str] | None = None) -> None:
     report_user_errors(lambda: _main(argv), "search-r3-paired")
 
 
 def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="search-r3-paired", description=__doc__.split("\n")[0])
-    parser.add_argument("run_a")
-    parser.add_argument("run_b")
-    parser.add_argument("--qrels", required=True, help="a BEIR qrels file (qrels/<split>.tsv)")
+    parser.add_argument("run_a", nargs="?")
+    parser.add_argument("run_b", nargs="?")
+    parser.add_argument("--qrels", help="a BEIR qrels file (qrels/<split>.tsv); required for two run files")
     parser.add_argument("--measure", default="nDCG@10")
     parser.add_argument("--force", action="store_true", help="pair runs over different corpora or query sets")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    grid = parser.add_argument_group("grid", "every test of a two-adapter table (see the module docstring)")
+    grid.add_argument("--grid", type=Path, metavar="RUNS", help="the runs/eval/<stamp> directory of the table")
+    grid.add_argument("--system", help="retriever name of A (e.g. smollm2-rl-claim)")
+    grid.add_argument("--baseline", help="retriever name of B (e.g. smollm2-sft-claim)")
+    grid.add_argument("--baseline-runs", type=Path, help="where B's run files are (default: RUNS)")
+    grid.add_argument("--data-root", type=Path, default=Path("../shared/data"), help="qrels: beir/<dataset>/qrels/")
+    grid.add_argument("--out", type=Path, default=Path("docs/paired"), help="where the JSON records go")
     args = parser.parse_args(argv)
-    qrels, _ = read_qrels(Path(args.qrels), ReadReport(), "error")
-    meta_a, meta_b = read_provenance(args.run_a), read_provenance(args.run_b)
-    for reason in check_comparable(meta_a, meta_b, args.force):
-        print(f"warning: {reason}", file=sys.stderr)
-    queries_a, queries_b = scored_queries(qrels, meta_a), scored_queries(qrels, meta_b)
-    if queries_a != queries_b and not args.force:
-        raise DataFormatError(f"the runs were made for different queries ({len(queries_a)} vs {len(queries_b)}); "
-                              f"--force pairs them over the qrels' judged queries")
-    queries = queries_a if queries_a == queries_b else sorted(qrels)
-    res = paired_comparison(qrels, read_run(args.run_a), read_run(args.run_b), args.measure, queries)
+    if args.grid is not None:
+        if not (args.system and args.baseline) or args.run_a:
+            parser.error("--grid takes --system and --baseline, and no run files")
+        run_grid(args)
+        return
+    if not (args.run_a and args.run_b and args.qrels):
+        parser.error("two run files and --qrels (or --grid RUNS --system A --baseline B)")
+    res = compare_run_files(Path(args.qrels), args.run_a, args.run_b, args.measure, args.force)
     if args.json:
         print(json.dumps(asdict(res), indent=2))
         return

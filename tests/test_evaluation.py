@@ -190,6 +190,38 @@ def test_paired_cli_scores_the_recorded_queries_and_refuses_other_corpora(tmp_pa
     assert "different query sets" in capsys.readouterr().err
 
 
+def test_paired_grid_pairs_each_table_cell_with_its_partner(tmp_path: Path, capsys) -> None:
+    """--grid writes the four tests of a two-adapter table from run file names; four runs with different
+    scores show each test read the right two files (a swapped mode or adapter changes a mean)."""
+    qrels_dir = tmp_path / "data" / "beir" / "toy" / "qrels"
+    qrels_dir.mkdir(parents=True)
+    (qrels_dir / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t{r}\n" for q, docs in QRELS.items() for d, r in docs.items()))
+    runs = {("rl", "reasoning"): RUN, ("rl", "direct"): {"q1": {"d1": 3.0, "d2": 2.0}, "q2": {"d8": 1.0}},
+            ("sft", "reasoning"): {"q1": {"d5": 1.0}, "q2": {"d3": 2.0}}, ("sft", "direct"): {"q1": {"d2": 1.0}}}
+    table, other = tmp_path / "table", tmp_path / "other"
+    table.mkdir(), other.mkdir()
+    for (system, mode), run in runs.items():
+        directory = table if system == "rl" else other  # the baseline scored by another command
+        write_trec_run(run, directory / f"run.toy.{system}.{mode}.trec", tag=system, provenance=_provenance())
+    paired_main(["--grid", str(table), "--system", "rl", "--baseline", "sft", "--baseline-runs", str(other),
+                 "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "paired")])
+    assert capsys.readouterr().out.count("| toy: ") == 4
+
+    def mean(key: tuple[str, str]) -> float:
+        return sum(s["nDCG@10"] for s in per_query(QRELS, runs[key]).values()) / len(QRELS)
+
+    expected = {"rl.reasoning-vs-direct": (("rl", "reasoning"), ("rl", "direct")),
+                "sft.reasoning-vs-direct": (("sft", "reasoning"), ("sft", "direct")),
+                "reasoning.rl-vs-sft": (("rl", "reasoning"), ("sft", "reasoning")),
+                "direct.rl-vs-sft": (("rl", "direct"), ("sft", "direct"))}
+    assert sorted(p.name for p in (tmp_path / "paired").iterdir()) == sorted(f"toy.{n}.json" for n in expected)
+    for name, (a, b) in expected.items():
+        res = json.loads((tmp_path / "paired" / f"toy.{name}.json").read_text())
+        assert (res["mean_a"], res["mean_b"]) == (pytest.approx(mean(a), abs=1e-9), pytest.approx(mean(b), abs=1e-9))
+        assert res["num_queries"] == 2
+
+
 def test_gather_rows_merges_ranks_and_drops_padding_duplicates() -> None:
     # Two simulated ranks with unequal row counts; rank 1 repeats index 0 as a sampler would.
     ranks = [(torch.tensor([0, 2, 4]), torch.tensor([[0.0], [2.0], [4.0]])), (torch.tensor([1, 3]), torch.tensor([[1.0], [3.0]]))]
