@@ -72,7 +72,8 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
     A duplicate would be scored as a negative of itself: the same passage as one query's positive and
     another's in-batch negative, or the same query twice with different positives. A row that clashes
     with the batch being built waits for a later batch; every row is yielded exactly once per epoch.
-    ``set_epoch`` (called by Lightning) reshuffles deterministically from ``seed``.
+    ``set_epoch`` (called by Lightning at every epoch start, see :attr:`sampler`) reshuffles
+    deterministically from ``seed``.
 
     Distributed training: ``batch_size`` is per rank. Every rank packs the same epoch (same seed) into
     *global* batches of ``batch_size × num_replicas`` rows and takes its contiguous share of each
@@ -101,29 +102,53 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.epoch = 0
         self._len_cache: tuple[int, int] | None = None
-        self._resume: tuple[int, int] | None = None
+        self._steps_done: Callable[[], int] | None = None
+
+    @property
+    def sampler(self) -> NoDuplicatesBatchSampler:
+        """This batch sampler is its own sampler: where Lightning looks for one.
+
+        Lightning sets the epoch on ``loader.sampler`` and ``loader.batch_sampler.sampler`` (torch's
+        ``BatchSampler`` layout), never on the batch sampler itself. Without this, ``set_epoch`` was never
+        called: every epoch replayed epoch 0's order, and a run resumed in a later epoch (placed by
+        :meth:`resume_after`) went on in another order than the uninterrupted run."""
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def resume(self, epoch: int, batches_done: int) -> None:
-        """Make the next pass over ``epoch`` start after its first ``batches_done`` batches (this rank's).
+    def resume_after(self, steps_done: Callable[[], int]) -> None:
+        """Start the first pass where a run that has trained ``steps_done()`` batches goes on.
 
         A run interrupted mid-epoch must go on with the batches it had not reached; replaying the
-        epoch's first batches would train on them twice and never on the rest. The packing is a pure
-        function of (seed, epoch), so skipping is all it takes."""
-        self._resume = (epoch, batches_done)
+        epoch's first ones would train on them twice and never on the rest. The count is read at the
+        first batch, not now: Lightning may build and even ``iter`` the training loader before it
+        restores the checkpoint (``trainer.estimated_stepping_batches`` does, in a run bounded by
+        ``max_epochs``), and a checkpoint from an epoch's last batch goes on with the next epoch, whose
+        first iterator Lightning makes before it calls ``set_epoch``. The packing is a pure function of
+        (seed, epoch), so the place is a function of the count alone (:meth:`position`)."""
+        self._steps_done = steps_done
 
-    def batches_before(self, epoch: int) -> int:
-        """This rank's batches in all epochs before ``epoch`` (epoch lengths vary with the packing)."""
-        return sum(len(self._shard(self._batches(e))) for e in range(epoch))
+    def position(self, steps: int) -> tuple[int, int]:
+        """(epoch, batches of it already done) after ``steps`` of this rank's batches from the start of
+        epoch 0 (epoch lengths vary with the packing)."""
+        epoch = 0
+        while 0 < (length := len(self._shard(self._batches(epoch)))) <= steps:
+            steps -= length
+            epoch += 1
+        return epoch, steps
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A generator: nothing below runs until the first batch is asked for (see resume_after).
+        skip = 0
+        if self._steps_done is not None:
+            steps, self._steps_done = self._steps_done(), None
+            if steps > 0:
+                self.epoch, skip = self.position(steps)
         batches = self._shard(self._batches(self.epoch))
-        if self._resume is not None and self._resume[0] == self.epoch:
-            batches = batches[self._resume[1] :]
-            self._resume = None
-        return iter(batches)
+        if skip:
+            log.info("resuming epoch %d after its first %d of %d batches", self.epoch, skip, len(batches))
+        yield from batches[skip:]
 
     def _replicas(self) -> tuple[int, int]:
         if self.num_replicas is not None:
@@ -181,25 +206,20 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
 
 def resumable_loader(dataset: Dataset, sampler: NoDuplicatesBatchSampler, collate_fn: Callable[[list[Any]], Any],
                      trainer: Any | None) -> DataLoader:
-    """A training loader that, after ``fit(ckpt_path=...)`` from a mid-epoch checkpoint, skips the batches
-    already trained, and that never draws from the global random streams.
+    """A training loader that, after ``fit(ckpt_path=...)``, goes on with the batch after the last one
+    trained (:meth:`NoDuplicatesBatchSampler.resume_after`), and that never draws from the global random
+    streams.
 
-    Lightning restores ``global_step`` and ``current_epoch`` before it asks for the loader, but a plain
-    DataLoader restarts its epoch. Both stage modules take one optimizer step per batch, so the batches
-    done in the current epoch are ``global_step`` minus the earlier epochs' batches. (Gradient
-    accumulation would break that count; the stage modules do not use it.) The loader's own generator
-    keeps its per-epoch seed draw off torch's global stream, which the training steps share (dropout,
-    rollout sampling) and which a resumed run restores from the checkpoint.
+    A plain DataLoader restarts its epoch. Both stage modules take one optimizer step per batch, so the
+    restored ``global_step`` says where the run stands. (Gradient accumulation would break that count;
+    the stage modules do not use it.) The loader's own generator keeps its per-epoch seed draw off
+    torch's global stream, which the training steps share (dropout, rollout sampling) and which a
+    resumed run restores from the checkpoint.
     """
-    if trainer is not None and trainer.global_step > 0:
-        epoch = trainer.current_epoch
-        done = trainer.global_step - sampler.batches_before(epoch)
-        sampler.set_epoch(epoch)
-        if 0 < done < len(sampler):
-            sampler.resume(epoch, done)
-            log.info("resuming epoch %d after its first %d of %d batches", epoch, done, len(sampler))
-            # Lightning cannot see that this loader resumes (it is not a torchdata StatefulDataLoader)
-            # and would warn that the rest of the epoch is unreliable; here it is not.
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+    if trainer is not None:
+        sampler.resume_after(lambda: trainer.global_step)
+        # Lightning cannot see that this loader resumes (it is not a torchdata StatefulDataLoader) and
+        # warns on a mid-epoch resume that the rest of the epoch is unreliable; here it is not.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(sampler.seed))

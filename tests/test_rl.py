@@ -182,24 +182,43 @@ def _trainable(module: RLModule) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
+class _RecordQueries(L.Callback):
+    """The query ids of every training step, to compare the order two runs trained in."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, list[str]] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        self.steps[trainer.global_step] = list(batch["query_id"])
+
+
+@pytest.mark.parametrize("stop", [2, 4, 5], ids=["mid-epoch-0", "end-of-epoch-0", "mid-epoch-1"])
 def test_resume_in_the_middle_of_an_epoch_reaches_the_uninterrupted_state(tiny_lm_dir: Path, mini_train_root: Path,
-                                                                          tmp_path: Path, interrupt_at_step) -> None:
-    """Interrupted after step 2 of 4 (mid-epoch) and resumed from its checkpoint, an RL run must end where
-    the uninterrupted one does: the same queries in the same order, the same sampled rollouts (the
+                                                                          tmp_path: Path, interrupt_at_step,
+                                                                          stop: int) -> None:
+    """Interrupted after step ``stop`` (epochs of 4 steps) and resumed from its checkpoint, an RL run must end
+    where the uninterrupted one does: the same queries in the same order, the same sampled rollouts (the
     random streams come back from the checkpoint) and the same stale environment (not a fresh encode).
-    Its per-epoch telemetry covers the whole epoch, not only the steps after the resume."""
-    data_kw = {"max_queries": 8}  # 4 batches of 2 queries: one epoch
-    straight = _module(tiny_lm_dir, tmp_path / "a")
-    straight_trainer = _trainer(tmp_path / "a", max_steps=4, limit_val_batches=0)
+    Its per-epoch telemetry covers the whole epoch, not only the steps after the resume.
+
+    Epoch 1 is reshuffled (Lightning's ``set_epoch`` must reach the batch sampler): until it did, every
+    epoch replayed epoch 0's order, and a run resumed inside epoch 1, or from the checkpoint at the end
+    of epoch 0, went on in epoch 1's order, so it trained on other queries than the uninterrupted run."""
+    data_kw = {"max_queries": 8}  # 4 batches of 2 queries an epoch; 7 steps reach into epoch 1
+    straight, order = _module(tiny_lm_dir, tmp_path / "a"), _RecordQueries()
+    straight_trainer = _trainer(tmp_path / "a", max_steps=7, limit_val_batches=0, callbacks=[order])
     straight_trainer.fit(straight, datamodule=_data(mini_train_root, **data_kw))
+    assert [order.steps[s] for s in (4, 5, 6)] != [order.steps[s] for s in (0, 1, 2)], "epoch 1 replayed epoch 0's order"
+    assert len({q for s in range(4) for q in order.steps[s]}) == 8
     first = _module(tiny_lm_dir, tmp_path / "b")
-    trainer = _trainer(tmp_path / "b", max_steps=4, limit_val_batches=0, callbacks=[interrupt_at_step(2)])
+    trainer = _trainer(tmp_path / "b", max_steps=7, limit_val_batches=0, callbacks=[interrupt_at_step(stop)])
     trainer.fit(first, datamodule=_data(mini_train_root, **data_kw))
-    assert trainer.global_step == 2
-    resumed = _module(tiny_lm_dir, tmp_path / "c")
-    resumed_trainer = _trainer(tmp_path / "c", max_steps=4, limit_val_batches=0)
+    assert trainer.global_step == stop
+    resumed, resumed_order = _module(tiny_lm_dir, tmp_path / "c"), _RecordQueries()
+    resumed_trainer = _trainer(tmp_path / "c", max_steps=7, limit_val_batches=0, callbacks=[resumed_order])
     resumed_trainer.fit(resumed, datamodule=_data(mini_train_root, **data_kw), ckpt_path=str(tmp_path / "b" / "mid.ckpt"))
-    assert resumed_trainer.global_step == 4
+    assert resumed_trainer.global_step == 7
+    assert resumed_order.steps == {s: order.steps[s] for s in range(stop, 7)}
     assert resumed.env is not None and straight.env is not None
     assert not any(s.full for s in resumed.env.history), "the resumed run re-encoded the corpus instead of restoring it"
     torch.testing.assert_close(resumed.env.vectors, straight.env.vectors, atol=1e-6, rtol=0)

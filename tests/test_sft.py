@@ -110,20 +110,23 @@ def test_resume_reaches_the_uninterrupted_state(tiny_lm_dir: Path, mini_train_ro
         torch.testing.assert_close(_trainable(resumed)[name], value, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("stop", [2, 5], ids=["mid-epoch-0", "mid-epoch-1"])
 def test_resume_in_the_middle_of_an_epoch_continues_with_the_next_batch(tiny_lm_dir: Path, mini_train_root: Path,
-                                                                         tmp_path: Path, interrupt_at_step) -> None:
+                                                                         tmp_path: Path, interrupt_at_step,
+                                                                         stop: int) -> None:
     """The CPU recipe stops mid-epoch (60 steps of 12 rows, 72 batches an epoch): a resumed run must
     train on the batches the interrupted one had not reached, not replay the epoch's first ones, and
-    draw the dropout masks the uninterrupted run drew (LoRA dropout on, as in the recipes)."""
-    data_kw = {"max_rows": 16}  # 4 batches an epoch; the interruption comes after 2
+    draw the dropout masks the uninterrupted run drew (LoRA dropout on, as in the recipes). In epoch 1
+    too, whose order is another shuffle than epoch 0's (Lightning's ``set_epoch`` reaches the sampler)."""
+    data_kw = {"max_rows": 16}  # 4 batches an epoch; 7 steps reach into epoch 1
     straight = _module(tiny_lm_dir, tmp_path / "a", dropout=0.1)
-    _trainer(tmp_path / "a", max_steps=4, limit_val_batches=0).fit(straight, datamodule=_data(mini_train_root, **data_kw))
+    _trainer(tmp_path / "a", max_steps=7, limit_val_batches=0).fit(straight, datamodule=_data(mini_train_root, **data_kw))
     first = _module(tiny_lm_dir, tmp_path / "b", dropout=0.1)
-    trainer = _trainer(tmp_path / "b", max_steps=4, limit_val_batches=0, callbacks=[interrupt_at_step(2)])
+    trainer = _trainer(tmp_path / "b", max_steps=7, limit_val_batches=0, callbacks=[interrupt_at_step(stop)])
     trainer.fit(first, datamodule=_data(mini_train_root, **data_kw))
-    assert trainer.global_step == 2
+    assert trainer.global_step == stop
     resumed = _module(tiny_lm_dir, tmp_path / "c", dropout=0.1)
-    _trainer(tmp_path / "c", max_steps=4, limit_val_batches=0).fit(
+    _trainer(tmp_path / "c", max_steps=7, limit_val_batches=0).fit(
         resumed, datamodule=_data(mini_train_root, **data_kw), ckpt_path=str(tmp_path / "b" / "mid.ckpt"))
     for name, value in _trainable(straight).items():
         torch.testing.assert_close(_trainable(resumed)[name], value, atol=1e-6, rtol=0)

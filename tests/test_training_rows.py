@@ -88,16 +88,25 @@ def test_an_injected_sampler_is_refused_with_the_fix() -> None:
 
 
 def test_resume_skips_the_batches_already_trained_once(nfcorpus_rows) -> None:
+    """A resumed sampler is placed by the step count alone, read at its first batch: mid-epoch it goes on
+    with the next batch of that epoch's own shuffle, at an epoch's end with the whole next epoch."""
     keys = [r.keys(1) for r in nfcorpus_rows[:200]]
     sampler = NoDuplicatesBatchSampler(keys, batch_size=16, seed=5)
+    epoch0 = list(sampler)
     sampler.set_epoch(1)
-    whole = list(sampler)
-    assert sampler.batches_before(1) == len(NoDuplicatesBatchSampler(keys, batch_size=16, seed=5))
-    sampler.resume(1, 3)
-    assert list(sampler) == whole[3:]  # the resumed pass starts at the fourth batch
-    assert list(sampler) == whole  # and only that pass: the next one is the whole epoch again
-    sampler.resume(0, 2)
-    assert list(sampler) == whole  # a resume point for another epoch leaves this one alone
+    epoch1 = list(sampler)
+    assert epoch1 != epoch0 and sorted(i for b in epoch1 for i in b) == sorted(i for b in epoch0 for i in b)
+    assert sampler.position(len(epoch0) + 3) == (1, 3)
+    steps = [0]
+    resumed = NoDuplicatesBatchSampler(keys, batch_size=16, seed=5)
+    resumed.resume_after(lambda: steps[0])
+    first_pass = iter(resumed)
+    steps[0] = len(epoch0) + 3  # the count is read at the first batch (after Lightning restored it), not before
+    assert list(first_pass) == epoch1[3:]  # the resumed pass starts at epoch 1's fourth batch
+    assert list(resumed) == epoch1  # and only that pass: the next one is the whole epoch again
+    at_end = NoDuplicatesBatchSampler(keys, batch_size=16, seed=5)
+    at_end.resume_after(lambda: len(epoch0))  # a checkpoint from epoch 0's last batch
+    assert list(at_end) == epoch1
 
 
 def _toy_dataset(root: Path, name: str, words: str) -> None:
