@@ -92,7 +92,10 @@ class _StopAfterEpoch(L.Callback):
 
 
 def test_resume_reaches_the_uninterrupted_state(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path) -> None:
-    data_kw = {"max_rows": 8}  # 2 batches an epoch: checkpoints fall on epoch boundaries
+    """Interrupted at the end of epoch 0, resumed to the end of epoch 1 (reshuffled). Bounded by
+    ``max_epochs``, so Lightning builds the training loader before it restores the checkpoint: the
+    resume point must be read when training starts, not when the loader is built."""
+    data_kw = {"max_rows": 8}  # 4 batches an epoch (clashing rows wait); the checkpoint falls on the epoch boundary
     straight = _module(tiny_lm_dir, tmp_path / "a")
     _trainer(tmp_path / "a", max_epochs=2, max_steps=-1, limit_val_batches=0).fit(
         straight, datamodule=_data(mini_train_root, **data_kw))
