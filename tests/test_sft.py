@@ -92,9 +92,9 @@ class _StopAfterEpoch(L.Callback):
 
 
 def test_resume_reaches_the_uninterrupted_state(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path) -> None:
-    """Interrupted at the end of epoch 0, resumed to the end of epoch 1 (reshuffled). Bounded by
-    ``max_epochs``, so Lightning builds the training loader before it restores the checkpoint: the
-    resume point must be read when training starts, not when the loader is built."""
+    """Interrupted at the end of epoch 0 and resumed: epoch 1 must be epoch 1's shuffle, as in the
+    uninterrupted run, although (bounded by ``max_epochs``) Lightning builds and iterates the training
+    loader before it restores the checkpoint."""
     data_kw = {"max_rows": 8}  # 4 batches an epoch (clashing rows wait); the checkpoint falls on the epoch boundary
     straight = _module(tiny_lm_dir, tmp_path / "a")
     _trainer(tmp_path / "a", max_epochs=2, max_steps=-1, limit_val_batches=0).fit(
@@ -113,23 +113,27 @@ def test_resume_reaches_the_uninterrupted_state(tiny_lm_dir: Path, mini_train_ro
         torch.testing.assert_close(_trainable(resumed)[name], value, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("stop", [2, 5], ids=["mid-epoch-0", "mid-epoch-1"])
+@pytest.mark.parametrize(("stop", "bound"), [(2, "max_steps"), (5, "max_steps"), (5, "max_epochs")],
+                         ids=["mid-epoch-0", "mid-epoch-1", "mid-epoch-1-max-epochs"])
 def test_resume_in_the_middle_of_an_epoch_continues_with_the_next_batch(tiny_lm_dir: Path, mini_train_root: Path,
                                                                          tmp_path: Path, interrupt_at_step,
-                                                                         stop: int) -> None:
+                                                                         stop: int, bound: str) -> None:
     """The CPU recipe stops mid-epoch (60 steps of 12 rows, 72 batches an epoch): a resumed run must
     train on the batches the interrupted one had not reached, not replay the epoch's first ones, and
     draw the dropout masks the uninterrupted run drew (LoRA dropout on, as in the recipes). In epoch 1
-    too, whose order is another shuffle than epoch 0's (Lightning's ``set_epoch`` reaches the sampler)."""
-    data_kw = {"max_rows": 16}  # 4 batches an epoch; 7 steps reach into epoch 1
+    too, whose order is another shuffle than epoch 0's (Lightning's ``set_epoch`` reaches the sampler),
+    and in a run bounded by ``max_epochs``, where Lightning builds the loader before it restores the
+    checkpoint, so the resume point can only be read when training starts."""
+    data_kw = {"max_rows": 16}  # 4 batches an epoch; 7 steps (or 2 epochs) reach into epoch 1
+    limits = {"max_steps": 7} if bound == "max_steps" else {"max_epochs": 2, "max_steps": -1}
     straight = _module(tiny_lm_dir, tmp_path / "a", dropout=0.1)
-    _trainer(tmp_path / "a", max_steps=7, limit_val_batches=0).fit(straight, datamodule=_data(mini_train_root, **data_kw))
+    _trainer(tmp_path / "a", limit_val_batches=0, **limits).fit(straight, datamodule=_data(mini_train_root, **data_kw))
     first = _module(tiny_lm_dir, tmp_path / "b", dropout=0.1)
-    trainer = _trainer(tmp_path / "b", max_steps=7, limit_val_batches=0, callbacks=[interrupt_at_step(stop)])
+    trainer = _trainer(tmp_path / "b", limit_val_batches=0, callbacks=[interrupt_at_step(stop)], **limits)
     trainer.fit(first, datamodule=_data(mini_train_root, **data_kw))
     assert trainer.global_step == stop
     resumed = _module(tiny_lm_dir, tmp_path / "c", dropout=0.1)
-    _trainer(tmp_path / "c", max_steps=7, limit_val_batches=0).fit(
+    _trainer(tmp_path / "c", limit_val_batches=0, **limits).fit(
         resumed, datamodule=_data(mini_train_root, **data_kw), ckpt_path=str(tmp_path / "b" / "mid.ckpt"))
     for name, value in _trainable(straight).items():
         torch.testing.assert_close(_trainable(resumed)[name], value, atol=1e-6, rtol=0)
