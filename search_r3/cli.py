@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
 from search_r3.evaluation.mlflow_runs import log_fit_inputs, mark_model_training
+from search_r3.lightning_modules.training_progress import TrainingProgress
 from search_r3.model.errors import report_user_errors
 from search_r3.preflight import preflight
 
@@ -158,6 +159,8 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> SearchR3CLI:
         subclass_mode_data=True,
         save_config_callback=MLflowSaveConfig,
         save_config_kwargs={"overwrite": True},
+        # always on, whatever the YAML's callbacks: progress lines with an ETA when the log is a file
+        trainer_defaults={"callbacks": [TrainingProgress()]},
         # a config error raises (and main() prints it as one line) instead of printing the whole usage
         parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in SearchR3CLI.subcommands()}},
         args=args,

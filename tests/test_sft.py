@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -204,8 +205,10 @@ def test_sharded_strategies_are_refused_before_any_compute() -> None:
 
 @pytest.mark.e2e
 def test_resuming_fit_continues_its_mlflow_run(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """`fit --ckpt_path` through the CLI logs the remaining steps into the run the checkpoint came from."""
+                                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """`fit --ckpt_path` through the CLI logs the remaining steps into the run the checkpoint came from.
+    Each part logs its progress line (the CLI's persistent ``TrainingProgress``: stderr is not a terminal)."""
     import yaml
     from mlflow import MlflowClient
 
@@ -237,10 +240,13 @@ def test_resuming_fit_continues_its_mlflow_run(tiny_lm_dir: Path, mini_train_roo
     path = tmp_path / "sft.yaml"
     path.write_text(yaml.safe_dump(config))
     monkeypatch.setattr("sys.argv", ["search-r3"])
+    caplog.set_level(logging.INFO, logger="search_r3.progress")
     run_cli(["fit", "--config", str(path), "--trainer.max_steps", "1"])  # "interrupted" after one step
     capsys.readouterr()
+    assert any(r.getMessage().startswith("train: 1/1 steps (100%)") for r in caplog.records), caplog.text
     run_cli(["fit", "--config", str(path), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
     printed = capsys.readouterr().out
+    assert any(r.getMessage().startswith("train: 2/2 steps (100%)") for r in caplog.records), caplog.text
 
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
