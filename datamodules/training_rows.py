@@ -133,7 +133,7 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         """(epoch, batches of it already done) after ``steps`` of this rank's batches from the start of
         epoch 0 (epoch lengths vary with the packing)."""
         epoch = 0
-        while 0 < (length := len(self._shard(self._batches(epoch)))) <= steps:
+        while 0 < (length := self._length(epoch)) <= steps:
             steps -= length
             epoch += 1
         return epoch, steps
@@ -200,8 +200,12 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         # Clashes push rows into later, partly filled batches, so the count depends on the shuffle:
         # pack the epoch once (cached) rather than guess, so progress bars and LR schedules are right.
         if self._len_cache is None or self._len_cache[0] != self.epoch:
-            self._len_cache = (self.epoch, len(self._shard(self._batches(self.epoch))))
+            self._len_cache = (self.epoch, self._length(self.epoch))
         return self._len_cache[1]
+
+    def _length(self, epoch: int) -> int:
+        """This rank's batches in ``epoch``."""
+        return len(self._shard(self._batches(epoch)))
 
 
 def resumable_loader(dataset: Dataset, sampler: NoDuplicatesBatchSampler, collate_fn: Callable[[list[Any]], Any],
