@@ -33,6 +33,7 @@ from search_r3.datamodules.beir_files import (
     read_qrels,
     read_queries,
 )
+from search_r3.datamodules.sources import DatasetName, data_roots, resolve_beir
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +146,14 @@ class QueryList(Dataset):
 
 
 class BEIRDataModule(L.LightningDataModule):
-    """BEIR folders under ``data_root``, evaluated one after the other in a single test run.
+    """BEIR datasets by name, evaluated one after the other in a single test run.
 
     Args:
-        data_root: folder holding the datasets (a path relative to the working directory).
-        datasets: dataset folders relative to ``data_root`` (``beir/scifact``); each needs
-            ``corpus.jsonl[.gz]``, ``queries.jsonl[.gz]`` and ``qrels/<split>.tsv``.
+        data_root: a folder holding the datasets (``<data_root>/beir/scifact``), searched first; ``None``
+            (default): ``$SEARCH_R3_DATA``, then the offline mirrors, the cache and a download
+            (:mod:`search_r3.datamodules.sources` gives the order).
+        datasets: dataset names (``beir/scifact``, ``hf:BeIR/scifact``, ``hf:mteb/scifact``) or local
+            folders; each resolves to ``corpus.jsonl[.gz]``, ``queries.jsonl[.gz]`` and ``qrels/<split>.tsv``.
         split: which qrels file to evaluate.
         max_queries: evaluate only the first N judged queries (quick runs).
         max_corpus_docs: encode at most N documents, the judged ones always included (see module doc).
@@ -163,7 +166,7 @@ class BEIRDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data_root: str = "../shared/data",
+        data_root: str | None = None,
         datasets: list[str] | None = None,
         split: str = "test",
         max_queries: int | None = None,
@@ -174,7 +177,7 @@ class BEIRDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        self.data_root = Path(data_root)
+        self.data_root = data_root
         self.dataset_paths = list(datasets) if datasets else ["beir/scifact"]
         self.split = split
         self.max_queries = max_queries
@@ -188,16 +191,15 @@ class BEIRDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tasks:
             return
-        if not self.data_root.is_dir():
-            raise DataFormatError(
-                f"data root {self.data_root} (resolved: {self.data_root.resolve()}) does not exist; "
-                "pass --data.init_args.data_root with the folder holding the BEIR datasets"
-            )
-        self.tasks = [self.load_task(self.data_root / rel) for rel in self.dataset_paths]
+        self.tasks = [self.load_task(self.resolve(spec), DatasetName(spec).name) for spec in self.dataset_paths]
         for task in self.tasks:
             log.info("%s/%s: %s", task.name, task.split, task.describe())
 
-    def load_task(self, folder: Path) -> RetrievalTask:
+    def resolve(self, spec: str) -> Path:
+        """The local BEIR folder of a dataset name (fetched into the cache if it is nowhere local)."""
+        return resolve_beir(spec, self.data_root, self.split)
+
+    def load_task(self, folder: Path, name: str | None = None) -> RetrievalTask:
         report = ReadReport()
         qrels_path = find_file(folder / "qrels", f"{self.split}.tsv")
         qrels, qrel_lines = read_qrels(qrels_path, report, self.on_bad_row)
@@ -236,7 +238,7 @@ class BEIRDataModule(L.LightningDataModule):
         keep_docs = keep if budget is not None and len(keep) < len(seen) else None
         doc_ids = [d for d in seen if keep_docs is None or d in keep_docs]
         return RetrievalTask(
-            name=folder.name,
+            name=name or folder.name,
             split=self.split,
             corpus_path=corpus_path,
             queries=queries,
@@ -269,13 +271,14 @@ class BEIRDataModule(L.LightningDataModule):
 
 
 class BEIRSuiteDataModule(BEIRDataModule):
-    """Every BEIR folder under ``search_dirs`` that has a corpus and ``qrels/<split>.tsv``.
+    """Every BEIR folder under ``search_dirs`` of the local roots (``data_root`` or ``$SEARCH_R3_DATA``,
+    then the offline mirrors) that has a corpus and ``qrels/<split>.tsv``.
 
     The suite grows by itself: adding ``corpus.jsonl.gz`` to, say, ``beir_queries_qrels_only/fiqa``
     adds FiQA to the next run. Folders without a corpus are listed in the log, not silently dropped.
     """
 
-    def __init__(self, data_root: str = "../shared/data", search_dirs: list[str] | None = None,
+    def __init__(self, data_root: str | None = None, search_dirs: list[str] | None = None,
                  exclude: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(data_root=data_root, **kwargs)
         self.search_dirs = list(search_dirs) if search_dirs else ["beir", "beir_queries_qrels_only"]
@@ -285,19 +288,22 @@ class BEIRSuiteDataModule(BEIRDataModule):
         if not self.tasks:
             self.dataset_paths = self.discover()
             if not self.dataset_paths:
-                raise DataFormatError(f"no BEIR folder with a corpus under {self.data_root} / {self.search_dirs}")
+                roots = [str(root) for _, root in data_roots(self.data_root)] or ["(no local root)"]
+                raise DataFormatError(f"no BEIR folder with a corpus under {roots} / {self.search_dirs}")
         super().setup(stage)
 
     def discover(self) -> list[str]:
+        """Folders (absolute paths) of the suite in root, search-dir and name order; the first root holding a name wins."""
         found: dict[str, str] = {}
-        for sub in self.search_dirs:
-            for folder in sorted((self.data_root / sub).glob("*")):
-                if not folder.is_dir() or folder.name in self.exclude or folder.name in found:
-                    continue
-                has_corpus = any((folder / n).is_file() for n in ("corpus.jsonl", "corpus.jsonl.gz"))
-                has_qrels = any((folder / "qrels" / n).is_file() for n in (f"{self.split}.tsv", f"{self.split}.tsv.gz"))
-                if has_corpus and has_qrels:
-                    found[folder.name] = f"{sub}/{folder.name}"
-                elif has_qrels:
-                    log.info("suite: %s/%s has %s qrels but no corpus yet; skipped", sub, folder.name, self.split)
+        for _, root in data_roots(self.data_root):
+            for sub in self.search_dirs:
+                for folder in sorted((root / sub).glob("*")):
+                    if not folder.is_dir() or folder.name in self.exclude or folder.name in found:
+                        continue
+                    has_corpus = any((folder / n).is_file() for n in ("corpus.jsonl", "corpus.jsonl.gz"))
+                    has_qrels = any((folder / "qrels" / n).is_file() for n in (f"{self.split}.tsv", f"{self.split}.tsv.gz"))
+                    if has_corpus and has_qrels:
+                        found[folder.name] = str(folder.resolve())
+                    elif has_qrels:
+                        log.info("suite: %s/%s has %s qrels but no corpus yet; skipped", sub, folder.name, self.split)
         return list(found.values())

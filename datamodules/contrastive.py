@@ -1,7 +1,8 @@
 """``ContrastiveDataModule``: Stage-1 batches of (query, positive, hard negatives), plus held-out validation.
 
-Training rows come from triples files (``train/*_train_triples.jsonl.gz``); document texts from the
-dataset's BEIR corpus, loaded for the ids the rows use only. Batches are built by
+Training rows come from prepared triples files, a BEIR dataset's train qrels with negatives mined on the
+fly, or a Hugging Face triplet dataset (:mod:`search_r3.datamodules.training_sources`); document texts
+are loaded for the ids the rows use only. Batches are built by
 :class:`NoDuplicatesBatchSampler` and tokenised in the collator with the model's own prompts (the
 LightningModule attaches its :class:`EmbeddingLM` in ``setup``).
 
@@ -22,8 +23,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from search_r3.datamodules.beir import BEIRDataModule
-from search_r3.datamodules.beir_files import DataFormatError, find_file, iter_corpus, judged_in_any_split
-from search_r3.datamodules.training_rows import NoDuplicatesBatchSampler, TrainingRow, read_training_rows, resumable_loader
+from search_r3.datamodules.beir_files import DataFormatError
+from search_r3.datamodules.training_rows import NoDuplicatesBatchSampler, TrainingRow, resumable_loader
+from search_r3.datamodules.training_sources import RowSource, hf_triplet_source, mined_source, prepared_source
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +101,17 @@ class ContrastiveCollator:
 
 class ContrastiveDataModule(L.LightningDataModule):
     """Args:
-        data_root: folder holding ``beir/<dataset>`` and the triples files.
-        train_files: triples files relative to ``data_root``.
+        data_root: a folder holding ``beir/<dataset>`` and the triples files, searched first (``None``:
+            ``$SEARCH_R3_DATA``, the offline mirrors, the cache and downloads; see
+            :mod:`search_r3.datamodules.sources`).
+        train_files: prepared triples files (``train/scifact_train_triples.jsonl.gz``), under a local root or
+            as paths.
+        train_datasets: BEIR datasets (``beir/scifact``) whose ``train`` qrels are the rows, with BM25 hard
+            negatives mined on the fly and cached by content (``mine_window``, ``mine_negatives``).
+        hf_triplets: Hugging Face datasets (``hf:org/name`` or a local folder) in the sentence-transformers
+            or Tevatron triplet layouts, streamed (split ``hf_split``, config ``hf_config``).
+        val_datasets: BEIR datasets whose first ``val_queries`` *train* queries are held out for validation;
+            default: those of the prepared and mined sources.
         num_negatives: hard negatives per query (each also serves as an in-batch negative for the others).
         batch_size: queries per batch.
         max_rows: cap on training rows after hold-out (quick runs); ``None`` keeps all.
@@ -108,62 +119,74 @@ class ContrastiveDataModule(L.LightningDataModule):
         seed: shuffling seed (also reshuffled per epoch).
         mask_known_positives: drop from each query's InfoNCE denominator the batch documents that the
             dataset's qrels (any split, grade >= 1) judge relevant to it (see :class:`ContrastiveCollator`).
+
+    With no source given, the rows are SciFact's train qrels with mined negatives (``train_datasets:
+    [beir/scifact]``), which needs nothing prepared.
     """
 
-    def __init__(self, data_root: str = "../shared/data", train_files: list[str] | None = None, num_negatives: int = 1,
-                 batch_size: int = 16, max_rows: int | None = None, val_queries: int = 50, val_corpus_docs: int = 1000,
-                 seed: int = 0, mask_known_positives: bool = True) -> None:
+    def __init__(self, data_root: str | None = None, train_files: list[str] | None = None,
+                 train_datasets: list[str] | None = None, hf_triplets: list[str] | None = None,
+                 hf_split: str = "train", hf_config: str | None = None, val_datasets: list[str] | None = None,
+                 num_negatives: int = 1, batch_size: int = 16, max_rows: int | None = None, val_queries: int = 50,
+                 val_corpus_docs: int = 1000, seed: int = 0, mask_known_positives: bool = True,
+                 mine_window: tuple[int, int] = (0, 100), mine_negatives: int = 30) -> None:
         super().__init__()
-        self.data_root = Path(data_root)
-        self.train_files = list(train_files) if train_files else ["train/scifact_train_triples.jsonl.gz"]
+        self.data_root = data_root
+        self.train_files = list(train_files or [])
+        self.train_datasets = list(train_datasets or [])
+        self.hf_triplets = list(hf_triplets or [])
+        if not (self.train_files or self.train_datasets or self.hf_triplets):
+            self.train_datasets = ["beir/scifact"]
+        self.hf_split, self.hf_config, self.val_datasets = hf_split, hf_config, val_datasets
+        self.mine_window, self.mine_negatives = (int(mine_window[0]), int(mine_window[1])), mine_negatives
         self.num_negatives, self.batch_size, self.max_rows = num_negatives, batch_size, max_rows
         self.val_queries, self.val_corpus_docs, self.seed = val_queries, val_corpus_docs, seed
         self.mask_known_positives = mask_known_positives
         self.collator = ContrastiveCollator()
         self.rows: list[TrainingRow] = []
+        self.sources: list[RowSource] = []
         self.validation: BEIRDataModule | None = None
 
     def training_sources(self) -> list[tuple[str, Path]]:
         """(name, file) of what trains the model, for a run's record of its inputs."""
-        return [(f"{Path(rel).name.split('_train_triples')[0]}/train-triples", self.data_root / rel)
-                for rel in self.train_files]
+        return [(f"{source.name}/train-rows", path) for source in self.sources for path in source.files]
+
+    def load_sources(self) -> list[RowSource]:
+        sources = [prepared_source(rel, self.data_root, self.num_negatives) for rel in self.train_files]
+        sources += [mined_source(spec, self.data_root, self.num_negatives, self.mine_window, self.mine_negatives)
+                    for spec in self.train_datasets]
+        sources += [hf_triplet_source(spec, self.hf_split, self.hf_config) for spec in self.hf_triplets]
+        return sources
 
     def setup(self, stage: str | None = None) -> None:
         if self.rows:
             return
-        rows_by_dataset: dict[str, list[TrainingRow]] = {}
-        for rel in self.train_files:
-            path = self.data_root / rel
-            dataset = Path(rel).name.split("_train_triples")[0]
-            rows_by_dataset.setdefault(dataset, []).extend(read_training_rows(path))
-        self.validation = BEIRDataModule(data_root=str(self.data_root), datasets=[f"beir/{d}" for d in rows_by_dataset],
-                                         split="train", max_queries=self.val_queries,
-                                         max_corpus_docs=self.val_corpus_docs)
-        self.validation.setup("validate")
-        # Every id is namespaced by its dataset (see TrainingRow.namespaced): corpora's ids may clash.
+        self.sources = self.load_sources()
+        val = self.val_datasets if self.val_datasets is not None else \
+            list(dict.fromkeys(s.validation for s in self.sources if s.validation))
+        self.validation = BEIRDataModule(data_root=self.data_root, datasets=val, split="train",
+                                         max_queries=self.val_queries, max_corpus_docs=self.val_corpus_docs)
+        if val:
+            self.validation.setup("validate")
+        # Every id is namespaced by its source (see TrainingRow.namespaced): corpora's ids may clash.
         held_out = {f"{task.name}/{q}" for task in self.validation.tasks for q in task.queries}
         texts: dict[str, str] = {}
         relevant: dict[str, set[str]] = {}
-        for dataset, raw_rows in rows_by_dataset.items():
-            if self.mask_known_positives:
-                for qid, docs in judged_in_any_split(self.data_root / "beir" / dataset, min_score=1).items():
-                    relevant.setdefault(f"{dataset}/{qid}", set()).update(f"{dataset}/{d}" for d in docs)
-            needed = {r.pos_id for r in raw_rows} | {n for r in raw_rows for n in r.neg_ids[: self.num_negatives]}
-            corpus = find_file(self.data_root / "beir" / dataset, "corpus.jsonl")
-            for _, doc_id, text in iter_corpus(corpus):
-                if doc_id in needed:
-                    texts[f"{dataset}/{doc_id}"] = text
-            unknown = needed - {d for d in needed if f"{dataset}/{d}" in texts}
-            if unknown:
-                raise DataFormatError(f"{len(unknown)} document ids of the {dataset} training rows are not in {corpus} "
-                                      f"(e.g. {sorted(unknown)[:3]})")
-            rows = [r.namespaced(dataset) for r in raw_rows]
+        for source in self.sources:
+            name = source.name
+            for qid, docs in source.relevant.items():
+                relevant.setdefault(f"{name}/{qid}", set()).update(f"{name}/{d}" for d in docs)
+            texts.update({f"{name}/{d}": t for d, t in source.texts.items()})
+            rows = [r.namespaced(name) for r in source.rows]
             kept = [r for r in rows if r.query_id not in held_out and len(r.neg_ids) >= self.num_negatives]
-            log.info("%s: %d training rows (%d held out for validation or short of negatives)", dataset, len(kept),
+            log.info("%s: %d training rows (%d held out for validation or short of negatives)", name, len(kept),
                      len(rows) - len(kept))
             self.rows.extend(kept)
         if self.max_rows:
             self.rows = self.rows[: self.max_rows]
+        if not self.rows:
+            raise DataFormatError(f"no training rows left from {[s.name for s in self.sources]} after the hold-out "
+                                  f"and with at least {self.num_negatives} negatives each")
         self.texts = texts
         self.collator.relevant = relevant if self.mask_known_positives else None
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from search_r3.datamodules.beir import BEIRDataModule, RetrievalTask
 from search_r3.datamodules.beir_files import DataFormatError, find_file
+from search_r3.datamodules.sources import DatasetName
 from search_r3.datamodules.training_rows import NoDuplicatesBatchSampler, resumable_loader
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ def collate_lists(items: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 class RLQueryDataModule(L.LightningDataModule):
     """Args:
-        data_root: folder holding the BEIR datasets.
-        dataset: one BEIR folder relative to ``data_root`` (the environment indexes one corpus).
+        data_root: a folder holding the BEIR datasets, searched first (``None``: the mirrors, the cache and a
+            download; see :mod:`search_r3.datamodules.sources`).
+        dataset: one dataset name (``beir/scifact``, ``hf:BeIR/scifact``) or folder (the environment
+            indexes one corpus).
         split: qrels split the training queries come from.
         max_corpus_docs: cap on the environment's corpus (judged documents of the split always kept).
         max_queries: cap on training queries after the hold-out (quick runs).
@@ -54,11 +57,11 @@ class RLQueryDataModule(L.LightningDataModule):
         seed: shuffling seed (the order of each epoch is a function of it and the epoch).
     """
 
-    def __init__(self, data_root: str = "../shared/data", dataset: str = "beir/scifact", split: str = "train",
+    def __init__(self, data_root: str | None = None, dataset: str = "beir/scifact", split: str = "train",
                  max_corpus_docs: int | None = None, max_queries: int | None = None, batch_size: int = 2,
                  val_queries: int = 50, val_corpus_docs: int = 500, seed: int = 0) -> None:
         super().__init__()
-        self.data_root = Path(data_root)
+        self.data_root = data_root
         self.dataset, self.split = dataset, split
         self.max_corpus_docs, self.max_queries = max_corpus_docs, max_queries
         self.batch_size, self.val_queries, self.val_corpus_docs, self.seed = batch_size, val_queries, val_corpus_docs, seed
@@ -70,18 +73,19 @@ class RLQueryDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.task is not None:
             return
-        self.validation = BEIRDataModule(data_root=str(self.data_root), datasets=[self.dataset], split=self.split,
+        self.validation = BEIRDataModule(data_root=self.data_root, datasets=[self.dataset], split=self.split,
                                          max_queries=self.val_queries, max_corpus_docs=self.val_corpus_docs)
         self.validation.setup("validate")
         held_out = {q for task in self.validation.tasks for q in task.queries}
-        self.task = BEIRDataModule(data_root=str(self.data_root), split=self.split,
-                                   max_corpus_docs=self.max_corpus_docs).load_task(self.data_root / self.dataset)
+        loader = BEIRDataModule(data_root=self.data_root, split=self.split, max_corpus_docs=self.max_corpus_docs)
+        self.folder = loader.resolve(self.dataset)
+        self.task = loader.load_task(self.folder, DatasetName(self.dataset).name)
         ids = [q for q in self.task.queries if q not in held_out and
                any(g > 0 for g in self.task.qrels[q].values())]
         random.Random(self.seed).shuffle(ids)
         self.train_query_ids = ids[: self.max_queries] if self.max_queries else ids
         if not self.train_query_ids:
-            raise DataFormatError(f"{self.data_root / self.dataset}: no training query with a positive is left after "
+            raise DataFormatError(f"{self.folder}: no training query with a positive is left after "
                                   f"holding out {len(held_out)} for validation")
         self.corpus_texts = self.task.load_texts()
         log.info("%s/%s: %d training queries, environment corpus of %d documents%s", self.task.name, self.split,
@@ -90,9 +94,9 @@ class RLQueryDataModule(L.LightningDataModule):
     def training_sources(self) -> list[tuple[str, Path]]:
         """(name, file) of what trains the model, for a run's record of its inputs: the judgements that
         pick the training queries and reward them, and the environment's corpus."""
-        folder = self.data_root / self.dataset
-        return [(f"{folder.name}/{self.split}-qrels", find_file(folder / "qrels", f"{self.split}.tsv")),
-                (f"{folder.name}/corpus", find_file(folder, "corpus.jsonl"))]
+        assert self.task is not None, "call setup() first"
+        return [(f"{self.task.name}/{self.split}-qrels", find_file(self.folder / "qrels", f"{self.split}.tsv")),
+                (f"{self.task.name}/corpus", self.task.corpus_path)]
 
     @property
     def corpus_ids(self) -> list[str]:

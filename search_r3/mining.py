@@ -1,7 +1,7 @@
 """``search-r3-mine``: hard negatives for a BEIR dataset, in the training-row format, from BM25 or the model.
 
-    search-r3-mine --dataset ../shared/data/beir/scifact --out runs/mined/scifact.jsonl.gz --window 10 100
-    search-r3-mine --dataset ../shared/data/beir/scifact --out runs/mined/scifact-sft.jsonl.gz \
+    search-r3-mine --dataset beir/scifact --out runs/mined/scifact.jsonl.gz --window 10 100
+    search-r3-mine --dataset beir/scifact --out runs/mined/scifact-sft.jsonl.gz \
         --adapter runs/sft/adapter/best --window 10 100        # ranked by the current Stage-1 model
 
 For every judged query of ``--split`` and each of its positives, the negatives are the ranker's ranks
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from search_r3.datamodules.beir import BEIRDataModule, RetrievalTask
 from search_r3.datamodules.beir_files import judged_in_any_split
+from search_r3.datamodules.sources import resolve_beir
 from search_r3.evaluation.metrics import Run
 from search_r3.model.errors import report_user_errors
 
@@ -61,8 +62,7 @@ def mine_negatives(dataset_dir: Path, split: str = "train", window: tuple[int, i
     lo, hi = window
     if not 0 <= lo < hi:
         raise ValueError(f"rank window must satisfy 0 <= start < end, got {window}")
-    dm = BEIRDataModule(data_root=str(dataset_dir.parent), datasets=[dataset_dir.name], split=split,
-                        max_queries=max_queries)
+    dm = BEIRDataModule(datasets=[str(dataset_dir)], split=split, max_queries=max_queries)
     dm.setup("fit")
     task = dm.tasks[0]
     judged = judged_in_any_split(dataset_dir)
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="search-r3-mine", description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", required=True, help="a BEIR folder (corpus, queries, qrels/)")
+    parser.add_argument("--dataset", required=True,
+                        help="a BEIR dataset name (beir/scifact, hf:BeIR/scifact) or folder (corpus, queries, qrels/)")
     parser.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")
     parser.add_argument("--split", default="train")
     parser.add_argument("--window", type=int, nargs=2, default=(0, 100), metavar=("START", "END"))
@@ -98,7 +99,7 @@ def _main(argv: list[str] | None) -> None:
     opener = gzip.open if out.suffix == ".gz" else open
     n = 0
     with opener(out, "wt", encoding="utf-8") as fh:
-        for row in mine_negatives(Path(args.dataset), args.split, tuple(args.window), args.negatives,
+        for row in mine_negatives(resolve_beir(args.dataset, split=args.split), args.split, tuple(args.window), args.negatives,
                                   args.index_dir, adapter=None if args.adapter in (None, "none") else args.adapter,
                                   use_model=args.adapter is not None, base_model=args.base_model):
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data folder, a small real BEIR subset, a tiny random LM, the real SmolLM2."""
+"""Shared fixtures: the repository's real-data fixture (``tests/data``), the full offline mirror where
+present, small real BEIR subsets, a tiny random LM, the real SmolLM2."""
 
 from __future__ import annotations
 
@@ -22,17 +23,54 @@ CHATML = (
 )
 
 
+FIXTURE_DATA = REPO / "tests" / "data"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hermetic data resolution for every test and every command a test starts: a cache of the session's
+    own, no offline mirror found implicitly, and a BEIR download base that refuses at once (port 9,
+    discard) so that nothing can reach the network. Tests that exercise these paths set their own."""
+    import tempfile
+
+    cache = Path(tempfile.mkdtemp(prefix="search-r3-test-cache-"))
+    os.environ["SEARCH_R3_CACHE"] = str(cache)
+    os.environ["SEARCH_R3_MIRRORS"] = ""
+    os.environ["SEARCH_R3_BEIR_MIRROR"] = "http://127.0.0.1:9"
+    os.environ.pop("SEARCH_R3_DATA", None)
+    os.environ.pop("SEARCH_R3_HF_MIRROR", None)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that read the full mirror carry the ``shared_data`` marker (``pytest -m shared_data``)."""
+    for item in items:
+        if {"shared_data_root", "full_scifact_dir"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.shared_data)
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    root = REPO.parent / "shared" / "data"
-    if not (root / "beir" / "scifact").is_dir():
-        pytest.fail(f"real data not found at {root}: the tests need ../shared/data beside the repository")
-    return root
+    """The repository's own real-data fixture (a SciFact slice, MKQA's sample): always there."""
+    return FIXTURE_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data_root() -> Path:
+    """The full offline mirror ``../shared/data``, for the few tests that need a whole corpus; they skip
+    with a one-line reason where it is absent (a clone with nothing beside it)."""
+    if not (SHARED_DATA / "beir" / "scifact").is_dir():
+        pytest.skip(f"needs the full SciFact/NFCorpus mirror at {SHARED_DATA} (absent here)")
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")
 def scifact_dir(data_root: Path) -> Path:
     return data_root / "beir" / "scifact"
+
+
+@pytest.fixture(scope="session")
+def full_scifact_dir(shared_data_root: Path) -> Path:
+    return shared_data_root / "beir" / "scifact"
 
 
 def write_jsonl_gz(path: Path, rows: list[dict]) -> None:

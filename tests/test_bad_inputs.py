@@ -118,7 +118,9 @@ CASES = {
     "empty query": (_empty_query, r"queries\.jsonl:1: " + _skip("empty query")),
     "non-UTF-8 byte": (_not_utf8, r"corpus\.jsonl:2: " + _skip(r"not UTF-8 \(byte 0xff at column \d+; re-save the file as UTF-8\)")),
     "missing data root": (_missing_root, r"data root .*no-data .*does not exist; pass --data\.init_args\.data_root"),
-    "missing dataset": (_missing_dataset, r"nfcorpus/qrels/test\.tsv: no such file \(nor test\.tsv\.gz\); the folder does not exist"),
+    "missing dataset": (_missing_dataset, r"dataset 'nfcorpus' is not available: looked in .*/nfcorpus \(data root\); .*"
+                        r"/beir/nfcorpus \(cache\); download of http://127\.0\.0\.1:9/nfcorpus\.zip failed \(.*\)\. "
+                        r"To place it by hand, unzip BEIR's nfcorpus\.zip so that .*/beir/nfcorpus/corpus\.jsonl exists"),
     "misspelled config key": (_misspelled_key, r"config: Option 'top_kk' is not accepted \(in search_r3\.lightning_modules\.RetrievalEvalModule\)"),
     "missing adapter folder": (_missing_adapter, r"adapter folder '.*/runs/sft/adapter/best' does not exist"),
     "empty qrels file": (_empty_qrels, r"qrels/test\.tsv: no judgements in this qrels file"),

@@ -18,8 +18,8 @@ def _module(root: Path, **kw) -> BEIRDataModule:
     return dm
 
 
-def test_real_scifact_and_nfcorpus_counts(data_root: Path) -> None:
-    dm = _module(data_root, datasets=["beir/scifact", "beir/nfcorpus"])
+def test_real_scifact_and_nfcorpus_counts(shared_data_root: Path) -> None:
+    dm = _module(shared_data_root, datasets=["beir/scifact", "beir/nfcorpus"])
     scifact, nfcorpus = dm.tasks
     assert (len(scifact.queries), scifact.num_docs, sum(map(len, scifact.qrels.values()))) == (300, 5183, 339)
     assert (len(nfcorpus.queries), nfcorpus.num_docs, sum(map(len, nfcorpus.qrels.values()))) == (323, 3633, 12334)
@@ -51,7 +51,7 @@ def test_corpus_stream_shards_are_disjoint_and_complete(mini_scifact: Path, monk
 
 def test_capped_run_keeps_judged_documents(data_root: Path) -> None:
     task = _module(data_root, max_queries=10, max_corpus_docs=100).tasks[0]
-    assert len(task.queries) == 10 and task.num_docs == 100 and task.corpus_size == 5183
+    assert len(task.queries) == 10 and task.num_docs == 100 and task.corpus_size == 400
     judged = {d for j in task.qrels.values() for d in j}
     assert judged <= set(task.doc_ids)
 
@@ -128,14 +128,14 @@ def test_malformed_qrels_line(mini_scifact: Path, tmp_path: Path) -> None:
 def test_suite_finds_sets_with_a_corpus_and_picks_up_new_ones(data_root: Path, mini_scifact: Path, tmp_path: Path) -> None:
     from search_r3.datamodules.beir import BEIRSuiteDataModule
 
-    assert BEIRSuiteDataModule(data_root=str(data_root)).discover() == ["beir/nfcorpus", "beir/scifact"]
+    assert [Path(p).name for p in BEIRSuiteDataModule(data_root=str(data_root)).discover()] == ["scifact"]
     # A query-only set (queries.test.jsonl.gz + qrels, as in beir_queries_qrels_only/) joins once a corpus is added.
     root = tmp_path / "data"
     shutil.copytree(mini_scifact, root / "beir" / "scifact")
     qonly = root / "beir_queries_qrels_only" / "mini"
     shutil.copytree(mini_scifact / "qrels", qonly / "qrels")
     shutil.copy(mini_scifact / "queries.jsonl.gz", qonly / "queries.test.jsonl.gz")
-    assert BEIRSuiteDataModule(data_root=str(root)).discover() == ["beir/scifact"]
+    assert BEIRSuiteDataModule(data_root=str(root)).discover() == [str((root / "beir" / "scifact").resolve())]
     shutil.copy(mini_scifact / "corpus.jsonl.gz", qonly / "corpus.jsonl.gz")
     suite = BEIRSuiteDataModule(data_root=str(root))
     suite.setup("test")

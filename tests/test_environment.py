@@ -183,11 +183,12 @@ def test_hnsw_index_matches_exact_and_replaces_vectors_in_place() -> None:
 
 
 @pytest.mark.model
-def test_hnsw_recall_at_10_on_real_scifact_embeddings(smollm2: EmbeddingLM, scifact_dir: Path) -> None:
+def test_hnsw_recall_at_10_on_real_scifact_embeddings(smollm2: EmbeddingLM, full_scifact_dir: Path) -> None:
     """The ANN back end against exact search on 1,000 real SciFact documents and the 300 test queries,
     embedded by the real default model, before and after replacing a tenth of the vectors in place."""
     from search_r3.datamodules.beir_files import ReadReport, find_file, find_queries_file, iter_corpus, read_qrels, read_queries
 
+    scifact_dir = full_scifact_dir
     texts = [text for _, (_, _, text) in zip(range(1000), iter_corpus(find_file(scifact_dir, "corpus.jsonl")))]
     qrels, _ = read_qrels(scifact_dir / "qrels" / "test.tsv", ReadReport(), "error")
     query_texts, _ = read_queries(find_queries_file(scifact_dir, "test"), set(qrels), ReadReport(), "error")

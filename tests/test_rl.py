@@ -251,8 +251,8 @@ def test_needs_a_group(tiny_lm_dir: Path, tmp_path: Path) -> None:
                  group_size=1)
 
 
-def test_rl_data_holds_out_validation_queries_and_keeps_every_positive(data_root: Path) -> None:
-    data = RLQueryDataModule(data_root=str(data_root), dataset="beir/scifact", max_corpus_docs=1200, val_queries=20,
+def test_rl_data_holds_out_validation_queries_and_keeps_every_positive(shared_data_root: Path) -> None:
+    data = RLQueryDataModule(data_root=str(shared_data_root), dataset="beir/scifact", max_corpus_docs=1200, val_queries=20,
                              val_corpus_docs=100, batch_size=3)
     data.setup("fit")
     held_out = set(data.validation.tasks[0].queries)

@@ -158,11 +158,12 @@ def test_two_process_ddp_trains_with_the_no_duplicates_sampler(tiny_lm_dir: Path
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
 
-def test_known_positives_of_other_rows_are_masked_on_real_nfcorpus(tiny_lm, data_root: Path) -> None:
+def test_known_positives_of_other_rows_are_masked_on_real_nfcorpus(tiny_lm, shared_data_root: Path) -> None:
     """NFCorpus documents are relevant to many train queries: the collator must flag exactly the batch
     documents the qrels judge relevant to a query other than its own positive."""
     import csv
 
+    data_root = shared_data_root
     dm = ContrastiveDataModule(data_root=str(data_root), train_files=["train/nfcorpus_train_triples.jsonl.gz"],
                                batch_size=12, num_negatives=1, val_queries=2, val_corpus_docs=10, max_rows=600)
     dm.setup("fit")

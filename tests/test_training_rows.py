@@ -17,10 +17,11 @@ def nfcorpus_rows(data_root: Path):
     return read_training_rows(data_root / "train" / "nfcorpus_train_triples.jsonl.gz")
 
 
-def test_real_rows_parse(nfcorpus_rows, data_root: Path) -> None:
-    assert len(nfcorpus_rows) == 9394 and len({r.query_id for r in nfcorpus_rows}) == 2590
-    assert len(read_training_rows(data_root / "train" / "scifact_train_triples.jsonl.gz")) == 919
-    assert all(r.pos_id not in r.neg_ids for r in nfcorpus_rows)
+def test_real_rows_parse(shared_data_root: Path) -> None:
+    rows = read_training_rows(shared_data_root / "train" / "nfcorpus_train_triples.jsonl.gz")
+    assert len(rows) == 9394 and len({r.query_id for r in rows}) == 2590
+    assert len(read_training_rows(shared_data_root / "train" / "scifact_train_triples.jsonl.gz")) == 919
+    assert all(r.pos_id not in r.neg_ids for r in rows)
 
 
 @pytest.mark.parametrize("num_negatives", [0, 3])
