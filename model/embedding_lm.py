@@ -31,7 +31,7 @@ from search_r3.model.base_models import ModelNotAvailableError, resolve_model_di
 from search_r3.model.digests import folder_digest
 from search_r3.model.errors import AdapterError
 from search_r3.model.progress import progress
-from search_r3.model.prompts import EMBED_TOKEN, PromptTemplates, Side
+from search_r3.model.prompts import PromptTemplates, Side
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +173,18 @@ class EmbeddingLM(nn.Module):
         if self.tokenizer.chat_template is None:
             raise ModelNotAvailableError(f"{model_dir}: the tokenizer has no chat template; search-r3 prompts need one "
                                          f"(use an instruction-tuned model)")
-        self.tokenizer.add_special_tokens({"additional_special_tokens": [EMBED_TOKEN]})
+        token = self.prompts.embed_token
+        # A checkpoint that already holds the token (a released Search-R3 model, or one exported here)
+        # has a trained row for it: that row is kept. Only a new token gets a row initialised.
+        had_token = token in self.tokenizer.get_vocab()
+        self.tokenizer.add_special_tokens({"additional_special_tokens": [token]})
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.embed_token_id: int = self.tokenizer.convert_tokens_to_ids(EMBED_TOKEN)
+        self.embed_token_id: int = self.tokenizer.convert_tokens_to_ids(token)
         self._close_ids: list[int] | None = None  # reasoning_close_ids, tokenised on first use
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
-        _add_embed_token_row(lm, self.embed_token_id)
+        if not had_token or self.embed_token_id >= lm.get_input_embeddings().weight.shape[0]:
+            _add_embed_token_row(lm, self.embed_token_id)
         if adapter is not None:
             # With `lora` as well, the adapter is where training *starts*: it is merged into the base
             # weights and a fresh LoRA trains on top, so `disable_adapter()` gives exactly the loaded
@@ -305,7 +310,7 @@ class EmbeddingLM(nn.Module):
                 messages.append({"role": "assistant", "content": assistant})
                 rendered = self.tokenizer.apply_chat_template(messages, tokenize=False)
                 # Cut right after the embed token: nothing later can change its hidden state.
-                rendered = rendered[: rendered.rindex(EMBED_TOKEN) + len(EMBED_TOKEN)]
+                rendered = rendered[: rendered.rindex(self.prompts.embed_token) + len(self.prompts.embed_token)]
             head, tail = rendered.split(marker)
             self._prompt_cache[key] = (
                 self.tokenizer(head, add_special_tokens=False)["input_ids"],
@@ -372,7 +377,7 @@ class EmbeddingLM(nn.Module):
         is_token = (input_ids == self.embed_token_id) & attention_mask.bool()
         if not bool(is_token.any(dim=1).all()):
             bad = (~is_token.any(dim=1)).nonzero().flatten().tolist()
-            raise ValueError(f"rows {bad} contain no {EMBED_TOKEN}; cannot read an embedding")
+            raise ValueError(f"rows {bad} contain no {self.prompts.embed_token}; cannot read an embedding")
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         last = torch.where(is_token, positions, -1).amax(dim=1)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -584,10 +589,10 @@ class EmbeddingLM(nn.Module):
         meta = {
             "format": 1,
             "base_model": self.base_model_name,
-            "embed_token": EMBED_TOKEN,
+            "embed_token": self.prompts.embed_token,
             "embed_token_id": self.embed_token_id,
             "lora": asdict(self.lora) if self.lora is not None else None,
-            "prompts": asdict(self.prompts),
+            "prompts": self.prompts.as_dict(),
             "stacked_on": BASE_ADAPTER_DIR if self.stacked_on is not None else None,
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -688,9 +693,9 @@ def _check_adapter(meta: dict, adapter: str, base_model: str, prompts: PromptTem
     if trained_on != base_model and not same_folder:
         raise AdapterError(f"adapter {adapter!r} was trained on base model {meta.get('base_model')!r}, "
                            f"not {base_model!r}: set base_model to that model")
-    if meta.get("prompts") and meta["prompts"] != asdict(prompts):
+    if meta.get("prompts") and meta["prompts"] != prompts.as_dict():
         log.warning("adapter %s was trained with other prompts than the ones configured now: %s", adapter,
-                    {k: v for k, v in meta["prompts"].items() if asdict(prompts).get(k) != v})
+                    {k: v for k, v in meta["prompts"].items() if prompts.as_dict().get(k) != v})
 
 
 def _read_meta(adapter: str) -> dict:

@@ -31,6 +31,8 @@ class PromptTemplates:
             instruction-tuned model has a chance to emit the token before any training.
         reasoning_close: appended after the generated analysis when the model stops (end of turn or
             the token cap) without emitting the embed token; the sample is then flagged.
+        embed_token: the token whose hidden state is the embedding. Another string (a released
+            checkpoint's own token) replaces ``<|embed_token|>`` in every prompt above.
     """
 
     query_system: str = "Please represent user queries."
@@ -41,11 +43,23 @@ class PromptTemplates:
         f"then finish with: The embedding is {EMBED_TOKEN}."
     )
     reasoning_close: str = f" The embedding is {EMBED_TOKEN}"
+    embed_token: str = EMBED_TOKEN
 
     def __post_init__(self) -> None:
+        if self.embed_token != EMBED_TOKEN:
+            for name in ("embed_response", "reasoning_system", "reasoning_close"):
+                object.__setattr__(self, name, getattr(self, name).replace(EMBED_TOKEN, self.embed_token))
         for name in ("embed_response", "reasoning_close"):
-            if EMBED_TOKEN not in getattr(self, name):
-                raise ValueError(f"PromptTemplates.{name} must contain {EMBED_TOKEN!r}: {getattr(self, name)!r}")
+            if self.embed_token not in getattr(self, name):
+                raise ValueError(f"PromptTemplates.{name} must contain {self.embed_token!r}: {getattr(self, name)!r}")
+
+    def as_dict(self) -> dict[str, str]:
+        """The strings, as saved with an adapter and hashed into :meth:`fingerprint`; the token is listed
+        only when it is not the default, so adapters and caches from before the field keep their keys."""
+        out = asdict(self)
+        if out["embed_token"] == EMBED_TOKEN:
+            del out["embed_token"]
+        return out
 
     def system(self, side: Side) -> str:
         return self.query_system if side == "query" else self.document_system
@@ -54,16 +68,16 @@ class PromptTemplates:
     def closing_words(self) -> str:
         """The words before the embed token in ``reasoning_close`` ("The embedding is"): the format's
         closing sentence, not analysis. A response that is only these words and the token wrote none."""
-        head, _, _ = self.reasoning_close.partition(EMBED_TOKEN)
+        head, _, _ = self.reasoning_close.partition(self.embed_token)
         return head.strip()
 
     @property
     def embed_prefix(self) -> str:
         """The direct-mode assistant turn up to and including the embed token."""
-        head, _, _ = self.embed_response.partition(EMBED_TOKEN)
-        return head + EMBED_TOKEN
+        head, _, _ = self.embed_response.partition(self.embed_token)
+        return head + self.embed_token
 
     def fingerprint(self) -> str:
         """Short stable hash: goes into cache keys and run parameters."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        blob = json.dumps(self.as_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

@@ -1,4 +1,5 @@
-"""``search-r3``: the LightningCLI entry point (``fit`` / ``validate`` / ``test``).
+"""``search-r3``: the LightningCLI entry point (``fit`` / ``validate`` / ``test``), and ``export`` (an adapter
+as a plain Hugging Face model folder, :mod:`search_r3.export`).
 
 Model and data are chosen in YAML by ``class_path`` (subclass mode), so the evaluation module, the
 SFT module and the RL module all run through the same command.
@@ -171,6 +172,13 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> SearchR3CLI:
 def main() -> None:
     """Console-script entry: returns nothing, so the exit status is 0 on success; a user error (bad
     data, config, path, model or adapter) is one line on stderr and status 2 (``--debug``: traceback)."""
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "export":  # not a Lightning stage: its own small parser
+        from search_r3.export import main as export_main
+
+        export_main(sys.argv[2:])
+        return
     report_user_errors(lambda: run_cli(None))  # LightningCLI reads sys.argv itself
 
 
