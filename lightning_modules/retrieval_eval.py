@@ -13,6 +13,7 @@ the console and, only when asked (``record_results``), rows in ``docs/results.js
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import shlex
@@ -330,9 +331,24 @@ class RetrievalEvalModule(L.LightningModule):
             trained_on=retriever.trained_on, precision=retriever.precision,
         )
 
+    def _new_output_folder(self) -> Path:
+        """``<output_dir>/<time>-<MLflow run id>``, created exclusively: two commands that finish in the same
+        second never share (and overwrite) one folder, and a folder names the run that holds its artifacts."""
+        run_id = next((lg.run_id for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+        name = time.strftime("%Y%m%d-%H%M%S") + (f"-{run_id[:8]}" if run_id else "")
+        base = Path(self.output_dir)
+        base.mkdir(parents=True, exist_ok=True)
+        for attempt in itertools.count():
+            out = base / (name if attempt == 0 else f"{name}-{attempt}")
+            try:
+                out.mkdir()
+                return out
+            except FileExistsError:
+                continue
+        raise AssertionError("unreachable")
+
     def _report(self, runs: dict[tuple, dict]) -> None:
-        out = Path(self.output_dir) / time.strftime("%Y%m%d-%H%M%S")
-        out.mkdir(parents=True, exist_ok=True)
+        out = self._new_output_folder()
         tasks = {task.name: task for task in self.trainer.datamodule.tasks}
         digests = {name: corpus_digest(task) for name, task in tasks.items()}  # one pass over each corpus
         artifacts = []

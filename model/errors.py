@@ -55,9 +55,55 @@ def find_user_error(exc: BaseException) -> UserError | None:
     return None
 
 
-def config_error_message(err: BaseException) -> str:
+def closest_class_path(class_path: str) -> str | None:
+    """The importable ``module.Class`` nearest to a misspelled ``class_path`` (``BM25Retreiver`` ->
+    ``...BM25Retriever``), looking in the deepest module of the path that imports."""
+    import difflib
+    import importlib
+    import pkgutil
+
+    parts = class_path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            module = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        names = [n for n in dir(module) if not n.startswith("_") and isinstance(getattr(module, n), type)]
+        names += [m.name for m in pkgutil.iter_modules(getattr(module, "__path__", []))]
+        match = difflib.get_close_matches(parts[cut], names, n=1, cutoff=0.6)
+        if not match:
+            return None
+        fixed = ".".join([*parts[:cut], match[0], *parts[cut + 1:]])
+        if cut + 1 < len(parts) and fixed != class_path:  # a misspelled module: go on inside the right one
+            return closest_class_path(fixed) or fixed
+        return fixed
+    return None
+
+
+def class_path_message(text: str, config_files: list[str]) -> str | None:
+    """The one line for a ``class_path`` that does not import: the key, the path, the closest class."""
+    import re
+
+    bad = re.findall(r"Problem with given class_path '([^']+)':\s*\n\s*(?:module|No module)[^\n]*", text)
+    if not bad:
+        return None
+    wrong = bad[-1]  # the innermost: the owners of the key are listed before it
+    owner = next((c for c in re.findall(r"Problem with given class_path '([^']+)'", text) if c != wrong), None)
+    keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', text)))  # outermost first
+    key = ".init_args.".join(keys) if keys else None
+    suggestion = closest_class_path(wrong)
+    where = " and ".join(config_files) if config_files else "the command line"
+    return (f"config: class_path {wrong!r} does not exist" + (f" (key {key!r}" if key else " (") +
+            (f" of {owner}" if owner else "") + f", in {where})" +
+            (f"; did you mean {suggestion!r}?" if suggestion else "; check the module and class name"))
+
+
+def config_error_message(err: BaseException, config_files: list[str] | None = None) -> str:
     """One line out of a configuration parser's error (jsonargparse lists every union member it tried):
     the line that names the problem, and the class it was given to."""
+    typo = class_path_message(str(err), config_files or [])
+    if typo is not None:
+        return typo
     lines = [line.strip().lstrip("- ").strip() for line in str(err).splitlines() if line.strip()]
     owner = next((line.split("'")[1] for line in lines if line.startswith("Problem with given class_path")), None)
     markers = ("is not accepted", "unrecognized arguments", "not expected", "does not exist", "No such file",
@@ -81,11 +127,23 @@ def report_user_errors(entry: Callable[[], T], program: str = "search-r3") -> T:
     try:
         return entry()
     except BaseException as exc:  # noqa: BLE001  (re-raised unless it is a user error)
-        user = None if debug or isinstance(exc, KeyboardInterrupt) else find_user_error(exc)
+        user = None if isinstance(exc, KeyboardInterrupt) else find_user_error(exc)
         message = str(user) if user is not None else None
-        if message is None and not debug and isinstance(exc, argparse.ArgumentError):
-            message = config_error_message(exc)
+        if message is None and isinstance(exc, argparse.ArgumentError):
+            message = config_error_message(exc, _config_files(sys.argv))
         if message is None:
             raise
-        print(f"{program}: error: {message} (traceback: {DEBUG_FLAG} or {DEBUG_ENV}=1)", file=sys.stderr)
+        if debug:  # the traceback too, and the same exit status as without it
+            import traceback
+
+            traceback.print_exc()
+            print(f"{program}: error: {message}", file=sys.stderr)
+        else:
+            print(f"{program}: error: {message} (traceback: {DEBUG_FLAG} or {DEBUG_ENV}=1)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    """The ``--config`` files of a command line (``--config F`` and ``--config=F``)."""
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]

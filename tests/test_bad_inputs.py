@@ -70,6 +70,10 @@ def _misspelled_key(s: Setup) -> None:
     s.config["model"]["init_args"]["top_kk"] = 10
 
 
+def _misspelled_class_path(s: Setup) -> None:
+    s.config["model"]["init_args"]["retrievers"][0]["class_path"] = "search_r3.evaluation.retrievers.EmbeddingLMRetreiver"
+
+
 def _missing_adapter(s: Setup) -> None:
     s.encoder["adapter"] = str(s.tmp / "runs" / "sft" / "adapter" / "best")
 
@@ -122,6 +126,10 @@ CASES = {
                         r"/beir/nfcorpus \(cache\); download of http://127\.0\.0\.1:9/nfcorpus\.zip failed \(.*\)\. "
                         r"To place it by hand, unzip BEIR's nfcorpus\.zip so that .*/beir/nfcorpus/corpus\.jsonl exists"),
     "misspelled config key": (_misspelled_key, r"config: Option 'top_kk' is not accepted \(in search_r3\.lightning_modules\.RetrievalEvalModule\)"),
+    "misspelled class path": (_misspelled_class_path, r"config: class_path 'search_r3\.evaluation\.retrievers\."
+                              r"EmbeddingLMRetreiver' does not exist \(key 'model\.init_args\.retrievers' of "
+                              r"search_r3\.lightning_modules\.RetrievalEvalModule, in .*config\.yaml\); did you mean "
+                              r"'search_r3\.evaluation\.retrievers\.EmbeddingLMRetriever'\?"),
     "missing adapter folder": (_missing_adapter, r"adapter folder '.*/runs/sft/adapter/best' does not exist"),
     "empty qrels file": (_empty_qrels, r"qrels/test\.tsv: no judgements in this qrels file"),
     "qrels row cut in half": (_cut_qrels_row, r"qrels/test\.tsv:3: expected 3 tab-separated columns \(query-id, corpus-id, score\), got 1"),
@@ -213,8 +221,12 @@ def test_the_good_setup_runs_and_debug_shows_the_traceback(setup: Setup, monkeyp
     _rescoring_the_run_file_gives_the_recorded_number(setup)
     _empty_qrels(setup)
     setup.extra_args.append("--debug")
-    with pytest.raises(Exception, match="no judgements in this qrels file"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # the traceback, and the same exit status as the one line
         _run(setup, monkeypatch)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback (most recent call last)" in err
+    assert "search-r3: error: " in err and "no judgements in this qrels file" in err
 
 
 def test_skip_drops_and_counts_a_line_that_is_not_utf8(setup: Setup) -> None:

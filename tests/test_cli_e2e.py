@@ -70,3 +70,53 @@ def test_cli_test_prints_the_numbers_logged_to_mlflow(tmp_path: Path, data_root:
     assert rows[0]["command"].startswith("search-r3 test --config cli.yaml")
     assert rows[0]["precision"] in {"bf16", "fp32"}  # dtype auto resolved, and recorded with the numbers
     assert results.with_suffix(".md").is_file()
+
+
+def test_two_commands_at_once_keep_their_own_outputs(tmp_path: Path, data_root: Path, tiny_lm_dir: Path) -> None:
+    """Two `search-r3 test` started together write to one output_dir: each run's folder, named by its
+    MLflow run, holds its own metrics, and the artifacts MLflow keeps for a run are that run's."""
+    import yaml
+    from mlflow import MlflowClient
+
+    procs = []
+    for name, queries in (("a", 6), ("b", 10)):
+        config = {
+            "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": {
+                "class_path": "lightning.pytorch.loggers.MLFlowLogger", "init_args": {
+                    "experiment_name": "two", "tracking_uri": f"sqlite:///{tmp_path / name}.db",
+                    "artifact_location": str(tmp_path / f"artifacts-{name}")}}},
+            "model": {"class_path": "search_r3.lightning_modules.RetrievalEvalModule", "init_args": {
+                "retrievers": [{"class_path": "search_r3.evaluation.retrievers.EmbeddingLMRetriever", "init_args": {
+                    "name": f"tiny-{name}", "modes": ["direct"], "encoder": {"class_path": "search_r3.model.EmbeddingLM",
+                    "init_args": {"base_model": str(tiny_lm_dir), "dtype": "float32", "max_document_tokens": 32}}}}],
+                "output_dir": str(tmp_path / "runs"), "embedding_cache_dir": str(tmp_path / f"emb-{name}")}},
+            "data": {"class_path": "search_r3.datamodules.BEIRDataModule", "init_args": {
+                "data_root": str(data_root), "datasets": ["beir/scifact"], "max_queries": queries, "max_corpus_docs": 60}},
+        }
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        cmd = [str(Path(os.sys.executable).parent / "search-r3"), "test", "--config", str(tmp_path / f"{name}.yaml")]
+        procs.append((name, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    for _, proc in procs:
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-3000:]
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 2
+    for name, queries in (("a", 6), ("b", 10)):
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / name}.db")
+        (run,) = [r for r in client.search_runs([client.get_experiment_by_name("two").experiment_id])
+                  if "mlflow.parentRunId" not in r.data.tags]
+        (folder,) = [f for f in folders if f.name.endswith(run.info.run_id[:8])]
+        (local,) = json.loads((folder / "metrics.json").read_text())
+        logged = json.loads(Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path / name)))
+                            .read_text())
+        assert logged == [local] and local["retriever"] == f"tiny-{name}" and local["num_queries"] == queries
+
+
+def test_output_folders_made_in_the_same_second_are_distinct(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from search_r3.lightning_modules.retrieval_eval import RetrievalEvalModule
+
+    module = SimpleNamespace(trainer=SimpleNamespace(loggers=[]), output_dir=str(tmp_path / "runs"))
+    first, second = (RetrievalEvalModule._new_output_folder(module) for _ in range(2))
+    assert first != second and first.is_dir() and second.is_dir()
