@@ -81,6 +81,13 @@ class RetrievalTask:
         return out
 
 
+def world_and_rank() -> tuple[int, int]:
+    """(processes, this process's rank) of ``torch.distributed``, or (1, 0) outside it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
 def collate_records(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Lists of strings/ints by key: the model tokenises, so no tensor work is done here."""
     return {key: [r[key] for r in rows] for key in rows[0]}
@@ -101,15 +108,11 @@ class CorpusStream(IterableDataset):
 
     def __len__(self) -> int:
         """Documents this rank streams (all its workers together): gives progress bars a total and an ETA."""
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        world, rank = world_and_rank()
         return len(range(rank, self.task.num_docs, world))
 
     def _shard(self) -> tuple[int, int]:
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        world, rank = world_and_rank()
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         return rank * workers + worker, world * workers

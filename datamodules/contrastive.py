@@ -149,7 +149,7 @@ class ContrastiveDataModule(L.LightningDataModule):
 
     def training_sources(self) -> list[tuple[str, Path]]:
         """(name, file) of what trains the model, for a run's record of its inputs."""
-        return [(f"{source.name}/train-rows", path) for source in self.sources for path in source.files]
+        return [(f"{source.name}/{kind}", path) for source in self.sources for kind, path in source.files]
 
     def load_sources(self) -> list[RowSource]:
         sources = [prepared_source(rel, self.data_root, self.num_negatives) for rel in self.train_files]

@@ -1,4 +1,5 @@
-"""MKQA as retrieval, in MTEB's ``MKQARetrieval`` formulation, one task per language.
+"""MKQA as retrieval, in MTEB's ``MKQARetrieval`` formulation, one task per language, from the official
+release (found, cached or downloaded), from MTEB's copy on the Hugging Face hub (streamed), or from a file.
 
 Per language: queries = ``queries[lang]``; corpus = the distinct answer strings ``answers[lang][*].text``
 (empty title); qrels = query -> each of its answer strings, score 1. Rows whose query is null or that
@@ -15,12 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from search_r3.datamodules.beir import BEIRDataModule
 from search_r3.datamodules.beir_files import DataFormatError, iter_jsonl
+from search_r3.datamodules.sources import ENV_HF_MIRROR, HF_PREFIX, atomic_write_lines, resolve_mkqa
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +85,62 @@ def convert_mkqa(source: Path, out_root: Path, languages: list[str]) -> dict[str
     return skipped
 
 
+def mteb_mkqa_to_beir(repo: str, languages: list[str], split: str, out_root: Path) -> None:
+    """Stream MTEB's ``MKQARetrieval`` (one ``<lang>-corpus`` / ``<lang>-queries`` / ``<lang>-qrels`` config
+    per language, split ``split``) into the same per-language BEIR folders as :func:`convert_mkqa`.
+
+    ``repo`` is a hub id (``mteb/MKQARetrieval``) or, with ``$SEARCH_R3_HF_MIRROR``, a local copy laid out
+    like the hub. Each folder is written under a temporary name and renamed into place."""
+    import datasets
+
+    mirror = os.environ.get(ENV_HF_MIRROR)
+    location = str(Path(mirror).expanduser() / repo) if mirror else repo
+
+    def rows(lang: str, part: str) -> Iterator[dict]:
+        try:
+            return iter(datasets.load_dataset(location, f"{lang}-{part}", split=split, streaming=True))
+        except (FileNotFoundError, ValueError) as err:
+            raise DataFormatError(f"hf:{repo}: no {lang}-{part} ({split}) at {location} ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:200]}); offline, set ${ENV_HF_MIRROR} to a local copy") from err
+
+    for lang in languages:
+        folder = out_root / f"mkqa-{lang}"
+        tmp = out_root / f".mkqa-{lang}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_lines(tmp / "corpus.jsonl", (json.dumps({"_id": str(r.get("_id", r.get("id"))), "title": r.get("title") or "",
+                                                              "text": r.get("text")}, ensure_ascii=False) + "\n"
+                                                  for r in rows(lang, "corpus")))
+        atomic_write_lines(tmp / "queries.jsonl", (json.dumps({"_id": str(r.get("_id", r.get("id"))), "text": r.get("text")},
+                                                              ensure_ascii=False) + "\n" for r in rows(lang, "queries")))
+        atomic_write_lines(tmp / "qrels" / "test.tsv", ["query-id\tcorpus-id\tscore\n"] + [
+            f"{r['query-id']}\t{r['corpus-id']}\t{r['score']}\n" for r in rows(lang, "qrels")])
+        (tmp / "skipped.json").write_text("{}")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+
+
 class MKQADataModule(BEIRDataModule):
     """MKQA retrieval tasks ``mkqa-<lang>``, one per language in ``languages`` (default: all 26).
 
     Args:
-        source: the MKQA JSONL(.gz): the 6-row sample in ``../shared/data/mkqa`` or the full release.
+        source: ``mkqa`` (default): the official release ``mkqa.jsonl.gz`` (apple/ml-mkqa), found under the
+            local roots (``<root>/mkqa/mkqa.jsonl.gz``) or the cache, else downloaded once
+            (``$SEARCH_R3_MKQA_MIRROR`` replaces the base URL); ``hf:mteb/MKQARetrieval``: MTEB's
+            per-language configs, streamed (split ``hf_split``); or the path of an MKQA JSONL(.gz) file
+            (the 6-row sample in ``tests/data/mkqa`` is one).
         languages: language codes as in MKQA (``en``, ``ja``, ``zh_cn`` ...).
-        cache_dir: where the per-language BEIR folders are written (keyed by the source's content).
+        cache_dir: where the per-language BEIR folders are written (keyed by the source's content or id).
+        data_root: a folder searched first for ``mkqa/mkqa.jsonl.gz`` (``None``: ``$SEARCH_R3_DATA``, the mirrors).
+        hf_split: the split of a Hugging Face source (MTEB's MKQARetrieval has ``train`` only).
         Other arguments as :class:`BEIRDataModule`.
     """
 
-    def __init__(self, source: str = "../shared/data/mkqa/mkqa_test_sample6.jsonl.gz",
-                 languages: list[str] | None = None, cache_dir: str = ".cache/search_r3/mkqa", **kwargs: Any) -> None:
+    def __init__(self, source: str = "mkqa", languages: list[str] | None = None,
+                 cache_dir: str = ".cache/search_r3/mkqa", data_root: str | None = None, hf_split: str = "train",
+                 **kwargs: Any) -> None:
         kwargs.setdefault("split", "test")
         super().__init__(data_root=cache_dir, **kwargs)
-        self.source = Path(source)
+        self.source, self.search_root, self.hf_split = source, data_root, hf_split
         self.languages = list(languages) if languages else list(MKQA_LANGUAGES)
         unknown = sorted(set(self.languages) - set(MKQA_LANGUAGES))
         if unknown:
@@ -104,17 +150,23 @@ class MKQADataModule(BEIRDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tasks:
             return
-        if not self.source.is_file():
-            raise DataFormatError(f"MKQA file {self.source} (resolved: {self.source.resolve()}) does not exist")
-        digest = hashlib.sha256(self.source.read_bytes()).hexdigest()[:16]
-        root = Path(self.data_root) / digest
-        missing = [lang for lang in self.languages if not (root / f"mkqa-{lang}" / "skipped.json").is_file()]
-        if missing:
-            convert_mkqa(self.source, root, missing)
+        if self.source.startswith(HF_PREFIX):
+            repo = self.source[len(HF_PREFIX):]
+            root = Path(self.data_root) / f"hf-{repo.replace('/', '__')}-{self.hf_split}"
+            missing = [lang for lang in self.languages if not (root / f"mkqa-{lang}" / "skipped.json").is_file()]
+            if missing:
+                mteb_mkqa_to_beir(repo, missing, self.hf_split, root)
+        else:
+            path = resolve_mkqa(self.source, self.search_root)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            root = Path(self.data_root) / digest
+            missing = [lang for lang in self.languages if not (root / f"mkqa-{lang}" / "skipped.json").is_file()]
+            if missing:
+                convert_mkqa(path, root, missing)
         self.skipped = {lang: Counter(json.loads((root / f"mkqa-{lang}" / "skipped.json").read_text()))
                         for lang in self.languages}
-        self.data_root = root
-        self.dataset_paths = [f"mkqa-{lang}" for lang in self.languages]
+        self.data_root = str(root)
+        self.dataset_paths = [str(root / f"mkqa-{lang}") for lang in self.languages]
         super().setup(stage)
         for task in self.tasks:
             for reason, n in self.skipped[task.name.removeprefix("mkqa-")].items():

@@ -94,9 +94,11 @@ class RLQueryDataModule(L.LightningDataModule):
     def training_sources(self) -> list[tuple[str, Path]]:
         """(name, file) of what trains the model, for a run's record of its inputs: the judgements that
         pick the training queries and reward them, and the environment's corpus."""
-        assert self.task is not None, "call setup() first"
-        return [(f"{self.task.name}/{self.split}-qrels", find_file(self.folder / "qrels", f"{self.split}.tsv")),
-                (f"{self.task.name}/corpus", self.task.corpus_path)]
+        folder = self.folder if self.task is not None else \
+            BEIRDataModule(data_root=self.data_root, split=self.split).resolve(self.dataset)
+        name = DatasetName(self.dataset).name
+        return [(f"{name}/{self.split}-qrels", find_file(folder / "qrels", f"{self.split}.tsv")),
+                (f"{name}/corpus", find_file(folder, "corpus.jsonl"))]
 
     @property
     def corpus_ids(self) -> list[str]:

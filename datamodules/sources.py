@@ -66,6 +66,8 @@ ENV_MIRRORS = "SEARCH_R3_MIRRORS"
 ENV_CACHE = "SEARCH_R3_CACHE"
 ENV_BEIR_MIRROR = "SEARCH_R3_BEIR_MIRROR"
 ENV_HF_MIRROR = "SEARCH_R3_HF_MIRROR"
+ENV_MKQA_MIRROR = "SEARCH_R3_MKQA_MIRROR"
+MKQA_BASE_URL = "https://github.com/apple/ml-mkqa/raw/main/dataset"  # the release's dataset/mkqa.jsonl.gz
 DEFAULT_MIRRORS = "../shared/data"
 HF_PREFIX = "hf:"
 
@@ -148,6 +150,37 @@ def resolve_beir(spec: str, data_root: str | Path | None = None, split: str | No
     return BeirZipSource(ref.name).fetch(cached, looked)
 
 
+def resolve_mkqa(source: str, data_root: str | Path | None = None) -> Path:
+    """The MKQA release file: ``source`` if it is a file; for ``mkqa``, ``mkqa/mkqa.jsonl.gz`` under the
+    local roots, then the cache, then a download of the release (``$SEARCH_R3_MKQA_MIRROR`` replaces its
+    base; verified by a mirror's ``MD5SUMS`` where it has one, as the release publishes no checksum)."""
+    given = Path(source).expanduser()
+    if given.is_file():
+        return given
+    if source != "mkqa":
+        raise DataSourceError(f"MKQA file {source} (resolved: {given.resolve()}) does not exist; use 'mkqa' for the "
+                              "release (found locally, cached or downloaded), 'hf:mteb/MKQARetrieval', or a file path")
+    looked = []
+    for label, root in data_roots(data_root):
+        candidate = root / "mkqa" / "mkqa.jsonl.gz"
+        if candidate.is_file():
+            return candidate
+        looked.append(f"{candidate} ({label})")
+    cached = cache_dir() / "mkqa" / "mkqa.jsonl.gz"
+    if cached.is_file():
+        return cached
+    looked.append(f"{cached} (cache)")
+    mirror = os.environ.get(ENV_MKQA_MIRROR, "").rstrip("/")
+    base = mirror or MKQA_BASE_URL
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cached) + ".lock"):
+        if not cached.is_file():
+            path = download_once(f"{base}/mkqa.jsonl.gz", "mkqa.jsonl.gz", mirror_md5(base, "mkqa.jsonl.gz") if mirror
+                                 else None, "mkqa", looked)
+            os.replace(path, cached)
+    return cached
+
+
 class BeirZipSource:
     """BEIR's per-dataset zip, from the official base or ``$SEARCH_R3_BEIR_MIRROR``, unzipped into the cache.
 
@@ -162,52 +195,56 @@ class BeirZipSource:
         self.url = f"{self.base}/{name}.zip"
         self.mirrored = bool(mirror)
 
-    def known_md5(self) -> str | None:
-        """BEIR's published md5 for the official zip; for a mirror, its ``MD5SUMS`` entry if it has one
-        (a mirror may repack the zips, so the official checksum cannot be assumed)."""
-        if not self.mirrored:
-            return BEIR_MD5.get(self.name)
-        import requests
-
-        try:
-            response = requests.get(f"{self.base}/MD5SUMS", timeout=30)
-        except requests.RequestException:
-            return None
-        if response.status_code != 200:
-            return None
-        for line in response.text.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[1].lstrip("*") == f"{self.name}.zip":
-                return parts[0].lower()
-        return None
-
     def fetch(self, dest: Path, looked: list[str]) -> Path:
-        import pooch
-        import requests
-
         dest.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(dest.parent / f".{self.name}.lock")):
             if is_beir_folder(dest):  # another process fetched it while we waited
                 return dest
-            md5 = self.known_md5()
-            if md5 is None:
-                log.warning("no checksum known for %s: the download is not verified", self.url)
-            downloads = cache_dir() / "downloads"
-            log.info("downloading %s into %s", self.url, dest)
-            try:
-                zip_path = Path(pooch.retrieve(self.url, known_hash=f"md5:{md5}" if md5 else None,
-                                               fname=f"{self.name}.zip", path=downloads, progressbar=True))
-            except ValueError as err:  # pooch: the hash does not match
-                raise DataSourceError(f"{self.url}: checksum mismatch, the download was refused and deleted "
-                                      f"({err}); expected md5 {md5}") from err
-            except (requests.RequestException, OSError) as err:
-                raise DataSourceError(not_found_message(self.name, looked, f"download of {self.url} failed "
-                                                        f"({type(err).__name__}: {_short(err)})")) from err
+            md5 = mirror_md5(self.base, f"{self.name}.zip") if self.mirrored else BEIR_MD5.get(self.name)
+            zip_path = download_once(self.url, f"{self.name}.zip", md5, self.name, looked)
             try:
                 unzip_beir(zip_path, dest, self.name)
             finally:
                 zip_path.unlink(missing_ok=True)
         return dest
+
+
+def mirror_md5(base: str, filename: str) -> str | None:
+    """A mirror's md5 of ``filename`` from its ``MD5SUMS`` file (``md5sum`` output), if it has one: a
+    mirror may repack what it serves, so an official checksum cannot be assumed for it."""
+    import requests
+
+    try:
+        response = requests.get(f"{base}/MD5SUMS", timeout=30)
+    except requests.RequestException:
+        return None
+    if response.status_code != 200:
+        return None
+    for line in response.text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == filename:
+            return parts[0].lower()
+    return None
+
+
+def download_once(url: str, filename: str, md5: str | None, name: str, looked: list[str]) -> Path:
+    """``url`` into ``<cache>/downloads/<filename>`` with pooch: once, into a temporary file renamed when
+    complete and verified (md5 where known). A refused checksum or a failed download leaves nothing."""
+    import pooch
+    import requests
+
+    if md5 is None:
+        log.warning("no checksum known for %s: the download is not verified", url)
+    log.info("downloading %s", url)
+    try:
+        return Path(pooch.retrieve(url, known_hash=f"md5:{md5}" if md5 else None, fname=filename,
+                                   path=cache_dir() / "downloads", progressbar=True))
+    except ValueError as err:  # pooch: the hash does not match
+        raise DataSourceError(f"{url}: checksum mismatch, the download was refused and deleted ({_short(err)}); "
+                              f"expected md5 {md5}") from err
+    except (requests.RequestException, OSError) as err:
+        raise DataSourceError(not_found_message(name, looked, f"download of {url} failed "
+                                                f"({type(err).__name__}: {_short(err)})")) from err
 
 
 def unzip_beir(zip_path: Path, dest: Path, name: str) -> None:
@@ -230,10 +267,15 @@ def unzip_beir(zip_path: Path, dest: Path, name: str) -> None:
 
 
 def not_found_message(name: str, looked: list[str], failure: str) -> str:
-    return (f"dataset {name!r} is not available: looked in {'; '.join(looked)}; {failure}. To place it by hand, "
-            f"unzip BEIR's {name}.zip so that {cache_dir() / 'beir' / name / 'corpus.jsonl'} exists (the cache; "
-            f"${ENV_CACHE} moves it), or point --data.init_args.data_root (or ${ENV_DATA}) at a folder holding "
-            f"beir/{name}/, or ${ENV_BEIR_MIRROR} at a server holding {name}.zip")
+    if name == "mkqa":
+        hint = (f"place the release's mkqa.jsonl.gz at {cache_dir() / 'mkqa' / 'mkqa.jsonl.gz'} (the cache; ${ENV_CACHE} "
+                f"moves it) or under <data_root>/mkqa/, or point source at the file, or ${ENV_MKQA_MIRROR} at a server "
+                "holding mkqa.jsonl.gz")
+    else:
+        hint = (f"unzip BEIR's {name}.zip so that {cache_dir() / 'beir' / name / 'corpus.jsonl'} exists (the cache; "
+                f"${ENV_CACHE} moves it), or point --data.init_args.data_root (or ${ENV_DATA}) at a folder holding "
+                f"beir/{name}/, or ${ENV_BEIR_MIRROR} at a server holding {name}.zip")
+    return f"dataset {name!r} is not available: looked in {'; '.join(looked)}; {failure}. To place it by hand, {hint}"
 
 
 def _short(err: BaseException) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from search_r3.datamodules.beir import BEIRDataModule, RetrievalTask
 from search_r3.datamodules.beir_files import (
     DataFormatError,
     document_text,
@@ -36,6 +37,7 @@ from search_r3.datamodules.beir_files import (
     iter_corpus,
     judged_in_any_split,
 )
+from search_r3.datamodules.bm25 import BM25Index
 from search_r3.datamodules.sources import (
     ENV_HF_MIRROR,
     HF_PREFIX,
@@ -60,7 +62,7 @@ class RowSource:
     rows: list[TrainingRow]
     texts: dict[str, str]  # document id -> text, for every id the rows use
     relevant: dict[str, set[str]] = field(default_factory=dict)  # query id -> documents judged relevant
-    files: list[Path] = field(default_factory=list)  # what it was read from, for the run's record
+    files: list[tuple[str, Path]] = field(default_factory=list)  # (kind, file) read, for the run's record
     validation: str | None = None  # a BEIR dataset (name or folder) whose train queries can be held out
 
 
@@ -96,7 +98,8 @@ def prepared_source(rel: str, data_root: str | None, num_negatives: int) -> RowS
     folder = resolve_beir(f"beir/{dataset}", data_root)
     needed = {r.pos_id for r in rows} | {n for r in rows for n in r.neg_ids[:num_negatives]}
     texts = corpus_texts(folder, needed, f"the {dataset} training rows ({path})")
-    return RowSource(dataset, rows, texts, judged_in_any_split(folder, min_score=1), [path], f"beir/{dataset}")
+    return RowSource(dataset, rows, texts, judged_in_any_split(folder, min_score=1), [("train-triples", path)],
+                     f"beir/{dataset}")
 
 
 def mining_key(folder: Path, split: str, window: tuple[int, int], num_negatives: int) -> str:
@@ -118,18 +121,35 @@ def mined_source(spec: str, data_root: str | None, num_negatives: int, window: t
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.is_file():
-            # The miner ranks with BM25 (evaluation's retriever), a layer above the data modules: imported
-            # here, at mining time only, so that reading data never needs the evaluation package.
-            from search_r3.mining import mine_negatives
-
             log.info("mining BM25 hard negatives for %s (train qrels, ranks %s); cached in %s", spec, window, path)
-            n = atomic_write_lines(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in
-                                          mine_negatives(folder, "train", window, negatives_kept)))
+            loader = BEIRDataModule(datasets=[str(folder)], split="train")
+            loader.setup("fit")
+            task = loader.tasks[0]
+            run = BM25Index().search(task, k=window[1])
+            rows = rows_from_ranking(task, run, judged_in_any_split(folder), window, negatives_kept)
+            n = atomic_write_lines(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
             log.info("%s: %d mined rows", spec, n)
     rows = read_training_rows(path)
     needed = {r.pos_id for r in rows} | {n for r in rows for n in r.neg_ids[:num_negatives]}
     texts = corpus_texts(folder, needed, f"the rows mined for {spec}")
-    return RowSource(name, rows, texts, judged_in_any_split(folder, min_score=1), [path], spec)
+    return RowSource(name, rows, texts, judged_in_any_split(folder, min_score=1), [("train-mined-bm25", path)], spec)
+
+
+def rows_from_ranking(task: RetrievalTask, run: dict[str, dict[str, float]], judged: dict[str, set[str]],
+                      window: tuple[int, int], num_negatives: int) -> Iterator[dict]:
+    """Training rows of a task's judged queries: one per positive, with the ranker's ranks inside
+    ``window`` (0-based, end exclusive) minus every document judged for the query in any split (a judged
+    document is never a negative; unjudged does not mean irrelevant) as negatives, first ``num_negatives``."""
+    lo, hi = window
+    if not 0 <= lo < hi:
+        raise ValueError(f"rank window must satisfy 0 <= start < end, got {window}")
+    for qid, text in task.queries.items():
+        ranked = sorted(run.get(qid, {}).items(), key=lambda item: -item[1])
+        negatives = [d for d, _ in ranked[lo:hi] if d not in judged.get(qid, set())][:num_negatives]
+        for pos_id, score in task.qrels[qid].items():
+            if score > 0:
+                yield {"dataset": task.name, "split": task.split, "query_id": qid, "query": text, "pos_id": pos_id,
+                       "pos_score": score, "neg_ids": negatives}
 
 
 def _text_id(text: str) -> str:

@@ -13,11 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
-def world_and_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
+from search_r3.datamodules.beir import world_and_rank  # noqa: F401  (re-exported: the one definition)
 
 
 def gather_with_grad(x: Tensor) -> tuple[Tensor, list[int]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from search_r3.evaluation.report import ResultRow
-from search_r3.evaluation.retrievers import corpus_digest
+from search_r3.datamodules.bm25 import corpus_digest
 from search_r3.model.digests import file_digest
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"

@@ -41,7 +41,8 @@ from search_r3.evaluation.report import (
     write_markdown_tables,
 )
 from search_r3.evaluation.results_record import record_rows
-from search_r3.evaluation.retrievers import DenseRetriever, Retriever, corpus_digest
+from search_r3.datamodules.bm25 import corpus_digest
+from search_r3.evaluation.retrievers import DenseRetriever, Retriever
 from search_r3.evaluation.run_files import RunProvenance, meta_path, write_trec_run
 from search_r3.model.embedding_lm import ReasoningRecord
 from search_r3.model.progress import ProgressLine

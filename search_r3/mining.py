@@ -25,7 +25,9 @@ from pathlib import Path
 
 from search_r3.datamodules.beir import BEIRDataModule, RetrievalTask
 from search_r3.datamodules.beir_files import judged_in_any_split
+from search_r3.datamodules.bm25 import BM25Index
 from search_r3.datamodules.sources import resolve_beir
+from search_r3.datamodules.training_sources import rows_from_ranking
 from search_r3.evaluation.metrics import Run
 from search_r3.model.errors import report_user_errors
 
@@ -33,9 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def bm25_ranking(task: RetrievalTask, k: int, index_dir: str = ".cache/search_r3/bm25") -> Run:
-    from search_r3.evaluation.retrievers import BM25Retriever
-
-    return BM25Retriever(index_dir=index_dir).search(task, k=k)
+    return BM25Index(index_dir=index_dir).search(task, k=k)
 
 
 def model_ranking(task: RetrievalTask, k: int, adapter: str | None, base_model: str = "smollm2-135m-instruct",
@@ -59,21 +59,14 @@ def mine_negatives(dataset_dir: Path, split: str = "train", window: tuple[int, i
                    base_model: str = "smollm2-135m-instruct") -> Iterator[dict]:
     """Training rows with negatives from BM25 (default) or, with ``use_model``, the wrapper loaded with
     ``adapter`` (``None``: untrained)."""
-    lo, hi = window
-    if not 0 <= lo < hi:
+    if not 0 <= window[0] < window[1]:
         raise ValueError(f"rank window must satisfy 0 <= start < end, got {window}")
     dm = BEIRDataModule(datasets=[str(dataset_dir)], split=split, max_queries=max_queries)
     dm.setup("fit")
     task = dm.tasks[0]
-    judged = judged_in_any_split(dataset_dir)
+    hi = window[1]
     run = model_ranking(task, hi, adapter, base_model) if use_model else bm25_ranking(task, hi, index_dir)
-    for qid, text in task.queries.items():
-        ranked = sorted(run.get(qid, {}).items(), key=lambda item: -item[1])
-        negatives = [d for d, _ in ranked[lo:hi] if d not in judged.get(qid, set())][:num_negatives]
-        for pos_id, score in task.qrels[qid].items():
-            if score > 0:
-                yield {"dataset": task.name, "split": split, "query_id": qid, "query": text, "pos_id": pos_id,
-                       "pos_score": score, "neg_ids": negatives}
+    yield from rows_from_ranking(task, run, judged_in_any_split(dataset_dir), window, num_negatives)
 
 
 def main(argv: list[str] | None = None) -> None:
