@@ -235,6 +235,7 @@ def download_once(url: str, filename: str, md5: str | None, name: str, looked: l
 
     if md5 is None:
         log.warning("no checksum known for %s: the download is not verified", url)
+    pooch.get_logger().setLevel(logging.WARNING)  # our own lines say what is fetched; pooch's suggest code edits
     log.info("downloading %s", url)
     try:
         return Path(pooch.retrieve(url, known_hash=f"md5:{md5}" if md5 else None, fname=filename,

@@ -114,6 +114,7 @@ def test_a_qwen2_folder_runs_fit_and_test_for_both_stages(tiny_qwen2_padded_dir:
     }
     data = {"sft": {"class_path": "search_r3.datamodules.contrastive.ContrastiveDataModule",
                     "init_args": {"data_root": str(mini_train_root), "batch_size": 4, "num_negatives": 1,
+                                  "train_files": ["train/scifact_train_triples.jsonl.gz"],
                                   "val_queries": 4, "val_corpus_docs": 30}},
             "rl": {"class_path": "search_r3.datamodules.rl_queries.RLQueryDataModule",
                    "init_args": {"data_root": str(mini_train_root), "dataset": "beir/scifact", "batch_size": 2,

@@ -75,7 +75,8 @@ def _run(tiny_lm_dir: Path, root: Path, out: Path, processes: int, cached: bool)
                           lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=48, max_query_tokens=24)
     module = SFTContrastiveModule(encoder, adapter_dir=str(out.parent / f"adapter-{out.stem}"), warmup_steps=1,
                                   lr=1e-3, cached=cached, chunk_size=2)
-    data = ContrastiveDataModule(data_root=str(root), batch_size=8 // processes, num_negatives=2, val_queries=4,
+    data = ContrastiveDataModule(data_root=str(root), train_files=["train/scifact_train_triples.jsonl.gz"],
+                                 batch_size=8 // processes, num_negatives=2, val_queries=4,
                                  val_corpus_docs=30)
     strategy = DDPStrategy(start_method="spawn") if processes > 1 else "auto"
     trainer = L.Trainer(accelerator="cpu", devices=processes, strategy=strategy, logger=False,

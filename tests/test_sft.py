@@ -22,6 +22,7 @@ def _module(tiny_lm_dir: Path, tmp_path: Path, dropout: float = 0.0, **kw) -> SF
 
 
 def _data(root: Path, **kw) -> ContrastiveDataModule:
+    kw.setdefault("train_files", ["train/scifact_train_triples.jsonl.gz"])
     return ContrastiveDataModule(data_root=str(root), batch_size=4, num_negatives=2, val_queries=4,
                                  val_corpus_docs=30, **kw)
 
@@ -236,6 +237,7 @@ def test_resuming_fit_continues_its_mlflow_run(tiny_lm_dir: Path, mini_train_roo
                                 "lr": 0.01, "warmup_steps": 1, "adapter_dir": str(tmp_path / "adapter")}},
         "data": {"class_path": "search_r3.datamodules.contrastive.ContrastiveDataModule",
                  "init_args": {"data_root": str(mini_train_root), "batch_size": 4, "num_negatives": 2,
+                               "train_files": ["train/scifact_train_triples.jsonl.gz"],
                                "val_queries": 4, "val_corpus_docs": 30}},
     }
     path = tmp_path / "sft.yaml"
