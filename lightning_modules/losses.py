@@ -72,10 +72,27 @@ class TokenScores:
     entropy: Tensor
 
 
+def sampling_log_softmax(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Log-probs of the distribution the sampler draws from: ``logits / temperature``, then, if asked,
+    top-k and top-p truncation renormalised, applied by transformers' own warpers in ``generate``'s
+    order (temperature, top-k, top-p), so the scored policy is exactly the sampled one. Tokens cut off
+    get ``-inf``."""
+    scores = logits.float() / temperature
+    if top_k or top_p < 1.0:
+        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(None, scores)
+        if top_p < 1.0:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+    return F.log_softmax(scores, dim=-1)
+
+
 def chunked_token_scores(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor,
                          temperature: float = 1.0, reference: Tensor | None = None,
                          reference_head: Callable[[Tensor], Tensor] | None = None,
-                         estimator: KLEstimator = "exact", chunk_rows: int | None = 1024) -> TokenScores:
+                         estimator: KLEstimator = "exact", chunk_rows: int | None = 1024,
+                         top_k: int = 0, top_p: float = 1.0) -> TokenScores:
     """Token log-probs, KL and entropy from final hidden states, never holding more than ``chunk_rows``
     positions × vocabulary of logits at once (a selective log-softmax).
 
@@ -88,7 +105,9 @@ def chunked_token_scores(hidden: Tensor, head: Callable[[Tensor], Tensor], targe
         hidden: ``[n, d]`` policy hidden states at the positions that predict ``targets``.
         head: the output projection (hidden → logits).
         targets: ``[n]`` token ids.
-        temperature: logits are divided by it (the distribution that was sampled).
+        temperature / top_k / top_p: the sampler's distribution (:func:`sampling_log_softmax`); under
+            truncation the entropy and the exact KL are those of the truncated policy (0·log 0 = 0), the
+            reference staying the full distribution at the temperature.
         reference: for ``estimator="exact"``, ``[n, d]`` reference hidden states (their logits are
             recomputed per chunk through ``reference_head``); for ``"k3"``, ``[n]`` reference log-probs
             of the targets (see :func:`reference_token_logp`). None: no KL.
@@ -104,18 +123,23 @@ def chunked_token_scores(hidden: Tensor, head: Callable[[Tensor], Tensor], targe
         zero = hidden.sum() * 0.0
         return TokenScores(zero.reshape(1)[:0], zero.reshape(1)[:0], zero.detach().reshape(1)[:0])
 
+    truncated = bool(top_k) or top_p < 1.0
+
     def one_chunk(h: Tensor, tgt: Tensor, ref: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        logp_all = F.log_softmax(head(h).float() / temperature, dim=-1)
+        logp_all = sampling_log_softmax(head(h), temperature, top_k, top_p)
         logp = logp_all.gather(1, tgt[:, None]).squeeze(1)
+        support = torch.isfinite(logp_all) if truncated else None  # where the truncated policy has mass
         with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            terms = logp_all.exp() * (logp_all if support is None else logp_all.where(support, 0.0))
+            entropy = -terms.sum(-1)
         if ref is None:
             kl = logp.new_zeros(logp.shape)
         elif estimator == "exact":
             assert reference_head is not None, "the exact KL needs the reference's output projection"
             with torch.no_grad():
                 logq_all = F.log_softmax(reference_head(ref).float() / temperature, dim=-1)
-            kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1)
+            diff = logp_all - logq_all
+            kl = (logp_all.exp() * (diff if support is None else diff.where(support, 0.0))).sum(-1)
         else:
             log_ratio = ref.float() - logp
             kl = log_ratio.exp() - log_ratio - 1.0

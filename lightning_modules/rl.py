@@ -18,8 +18,9 @@ Our choices where the paper is silent (``docs/design.md``), with why:
   schedule accounting, and nothing here needs it). RL runs the model without dropout (as TRL's
   ``disable_dropout``): the policy that sampled, the one whose embedding is rewarded (and that test time
   computes) and the one that is differentiated are the same deterministic function.
-- **Log-probs at the sampling temperature**: ``log_softmax(logits / T)``, for the policy term, the KL and
-  the entropy (``top_p`` < 1 truncates the sampler, which these log-probs ignore, as TRL does).
+- **Log-probs of the distribution sampled**: ``log_softmax(logits / T)`` over the whole vocabulary, for
+  the policy term, the KL and the entropy. ``top_k`` / ``top_p`` are off by default; turned on, they
+  truncate the sampler and the scored log-probs alike (renormalised; TRL scores the untruncated policy).
 - **Advantages**: ``(r − mean_group) / (std_group + 1e-6)`` (GRPO; ``scale_rewards: false`` gives Dr.
   GRPO's unscaled variant). A group whose rewards are all equal carries no signal: it leaves the policy
   term's mean (it is not counted in the denominator) and its share is logged.
@@ -125,7 +126,9 @@ class RLModule(AdapterTrainingModule):
         encoder: the shared wrapper loading the Stage-1 adapter with new ``lora`` settings (Stage 1 is
             merged and frozen as the reference; a fresh LoRA trains on top).
         group_size: trajectories per query (G).
-        temperature / top_p / max_new_tokens: sampling of the trajectories (``None``: the encoder's cap).
+        temperature / top_k / top_p / max_new_tokens: sampling of the trajectories; ``top_k: 0`` and
+            ``top_p: 1.0`` (defaults) sample the full distribution (``max_new_tokens`` ``None``: the
+            encoder's cap).
         loss_norm: how the policy term averages over tokens (``sequence``, ``token``, ``constant``).
         kl_estimator: ``exact`` (KL over the vocabulary) or ``k3`` (GRPO's sample estimator).
         logit_chunk_rows: response positions projected to the vocabulary at a time (peak memory); None =
@@ -157,14 +160,17 @@ class RLModule(AdapterTrainingModule):
                  probe_every: int | None = None, sample_texts: int = 4, samples_every: int = 8,
                  lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0, gradient_clip: float = 1.0,
                  adapter_dir: str = "runs/rl/adapter", val_modes: list[Literal["direct", "reasoning"]] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, top_k: int = 0) -> None:
         super().__init__(encoder, lr, weight_decay, warmup_steps, gradient_clip, adapter_dir,
                          val_modes or ["reasoning", "direct"])
         if group_size < 2:
             raise ValueError("group_size must be at least 2: GRPO's advantage compares rollouts of one query")
         if temperature <= 0:
             raise ValueError("temperature must be positive: GRPO samples its rollouts")
+        if top_k < 0 or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_k must be >= 0 (0: off) and top_p in (0, 1] (1: off), got {top_k}, {top_p}")
         self.group_size, self.temperature, self.top_p, self.max_new_tokens = group_size, temperature, top_p, max_new_tokens
+        self.top_k = top_k
         self.loss_norm, self.kl_estimator, self.logit_chunk_rows = loss_norm, kl_estimator, logit_chunk_rows
         self.kl_weight, self.embed_weight, self.embed_advantage_weighted, self.tau = \
             kl_weight, embed_weight, embed_advantage_weighted, tau
@@ -247,7 +253,8 @@ class RLModule(AdapterTrainingModule):
                 torch.manual_seed(_stream_seed(self.seed, self.global_step, str(qid)))
                 parts.append(self.encoder.generate_reasoning([query], copies=self.group_size,
                                                              max_new_tokens=self.max_new_tokens, do_sample=True,
-                                                             temperature=self.temperature, top_p=self.top_p))
+                                                             temperature=self.temperature, top_p=self.top_p,
+                                                             top_k=self.top_k))
         gen = Generated(*(sum((getattr(p, f) for p in parts), []) for f in
                           ("prompts", "responses", "missing", "stop_tokens", "analysis_tokens")))
         close = len(self.encoder.reasoning_close_ids)
@@ -286,7 +293,7 @@ class RLModule(AdapterTrainingModule):
         with self.encoder.eval_mode():  # no dropout: see the module docstring
             emb, hidden = self.encoder.embed_and_response_hidden(r["input_ids"], r["attention_mask"], r["policy"])
             tokens = chunked_token_scores(hidden, head, targets, self.temperature, reference, reference_head,
-                                          self.kl_estimator, self.logit_chunk_rows)
+                                          self.kl_estimator, self.logit_chunk_rows, self.top_k, self.top_p)
         logp = torch.zeros(r["policy"].shape, dtype=tokens.logp.dtype, device=tokens.logp.device)
         logp = logp.masked_scatter(r["policy"], tokens.logp)
         return emb, logp, tokens

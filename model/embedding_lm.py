@@ -460,8 +460,16 @@ class EmbeddingLM(nn.Module):
         top_p: float = 1.0,
         copies: int = 1,
         share_prefill: bool = True,
+        top_k: int = 0,
     ) -> Generated:
         """Sample an analysis for each query, closed by the embed token (see :class:`Generated`).
+
+        Sampling draws from ``softmax(logits / temperature)`` over the whole vocabulary unless ``top_k``
+        (> 0) or ``top_p`` (< 1) truncates it. Both are set explicitly on every call, and every other
+        logits processor a checkpoint's ``generation_config`` may carry is switched off: transformers
+        reads an unset ``top_k`` as its default of 50, which would sample a distribution other than the
+        one RL scores (:func:`~search_r3.lightning_modules.losses.sampling_log_softmax` applies the same
+        truncation to the scored log-probs).
 
         ``copies`` samples each query that many times (rows ``i * copies ... (i + 1) * copies - 1``
         belong to query ``i``), as GRPO's groups need. With ``share_prefill`` the prompts are run through
@@ -486,7 +494,9 @@ class EmbeddingLM(nn.Module):
             do_sample=do_sample,
             temperature=temperature if do_sample else None,
             top_p=top_p if do_sample else None,
-            top_k=None,
+            top_k=top_k if do_sample else None,  # 0: no truncation (None would mean transformers' 50)
+            min_p=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, repetition_penalty=None,
+            no_repeat_ngram_size=None, min_new_tokens=None,
             eos_token_id=stops,
             pad_token_id=self.tokenizer.pad_token_id,
         )
