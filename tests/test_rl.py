@@ -139,7 +139,7 @@ def test_the_embedding_term_raises_the_retrieval_reward(tiny_lm_dir: Path, mini_
     """Four fixed queries, each step the same batch: with the embedding InfoNCE term on (and KL off) the
     retrieval reward of the rollouts rises within a few steps. The policy gradient is on too, but this
     term alone can explain the rise; the policy gradient's own proof is the sampled-token test below."""
-    module = _module(tiny_lm_dir, tmp_path, embed_weight=1.0, kl_weight=0.0)
+    module = _module(tiny_lm_dir, tmp_path, embed_weight=1.0, kl_weight=0.0, top_k=50)  # as the test below
     rewards: list[float] = []
 
     class Record(L.Callback):
@@ -368,8 +368,11 @@ def _sampled_token_reward_curve(tiny_lm_dir: Path, mini_train_root: Path, tmp_pa
     torch.manual_seed(0)
     encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=8,
                           lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=32, max_query_tokens=24)
+    # top_k=50: a sampler truncated to 50 of the ~400 tokens (scored under the same truncation), so 24
+    # steps of a tiny random model move a visible share of the sampled tokens.
     module = sampled_token_reward(encoder, group_size=4, adapter_dir=str(tmp_path / "adapter"), lr=1e-2,
-                                 embed_weight=0.0, kl_weight=0.0, refresh=RefreshPolicy(top_l=5), samples_every=0)
+                                 embed_weight=0.0, kl_weight=0.0, refresh=RefreshPolicy(top_l=5), samples_every=0,
+                                 top_k=50)
     rewards: list[float] = []
 
     class Record(L.Callback):
