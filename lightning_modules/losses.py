@@ -226,7 +226,11 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
     return centred.flatten()
 
 
-LossNorm = Literal["sequence", "token", "constant"]
+LossNorm = Literal["grpo", "dapo", "dr_grpo", "sequence", "token", "constant"]
+# The published normalisations, and each one's "informative groups only" variant (this project's first
+# reading): same shape of average, but rollouts of all-equal groups leave the denominator.
+PUBLISHED_NORMS = ("grpo", "dapo", "dr_grpo")
+INFORMATIVE_ONLY = {"sequence": "grpo", "token": "dapo", "constant": "dr_grpo"}
 
 
 def informative_groups(rewards: Tensor, group_size: int) -> Tensor:
@@ -236,44 +240,61 @@ def informative_groups(rewards: Tensor, group_size: int) -> Tensor:
     return (groups.max(1).values != groups.min(1).values).repeat_interleave(group_size)
 
 
+def aggregate_tokens(values: Tensor, mask: Tensor, rows: Tensor, norm: LossNorm, max_tokens: int | None = None,
+                     reduce: Callable[[float], float] | None = None) -> Tensor:
+    """Average per-token ``values`` ``[R, T]`` (policy tokens ``mask``) over the rollouts ``rows`` as ``norm``
+    says; the papers' formulas (TRL's ``loss_type``), with ``R`` the rollouts counted:
+
+    - ``grpo`` / ``sequence``: ``(1/R) Σ_i (1/|o_i|) Σ_t v_it``, every rollout weighing the same (a token of
+      a short rollout weighs more: with positive advantages this prefers short completions).
+    - ``dapo`` / ``token``: ``Σ_i Σ_t v_it / Σ_i |o_i|``, every token weighing the same.
+    - ``dr_grpo`` / ``constant``: ``Σ_i Σ_t v_it / (R · L_max)``, a constant normaliser (``max_tokens``, the
+      length cap), no length bias.
+
+    ``reduce`` maps this rank's count (rollouts or tokens) to the global one (under DDP the sum over ranks),
+    so the ranks' shares add up to the global average."""
+    kind = INFORMATIVE_ONLY.get(norm, norm)
+    if kind not in PUBLISHED_NORMS:
+        raise ValueError(f"unknown loss normalisation {norm!r}: use one of {PUBLISHED_NORMS + tuple(INFORMATIVE_ONLY)}")
+    if kind == "dr_grpo" and not max_tokens:
+        raise ValueError(f"loss_norm {norm!r} needs max_tokens (the length cap)")
+    rows = rows.bool() & mask.any(1)
+    tokens = mask[rows].sum(1)
+    count = float(tokens.sum()) if kind == "dapo" else float(rows.sum())
+    total = reduce(count) if reduce is not None else count
+    if total == 0 or count == 0:
+        return values.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) intact
+    per_token = values.masked_fill(~mask, 0.0)[rows]
+    if kind == "grpo":
+        return (per_token.sum(1) / tokens).sum() / total
+    if kind == "dapo":
+        return per_token.sum() / total
+    return (per_token.sum(1) / max_tokens).sum() / total
+
+
+def policy_rows(mask: Tensor, informative: Tensor, norm: LossNorm) -> Tensor:
+    """The rollouts an average counts: all of them for the published norms; the informative ones only for
+    the ``sequence`` / ``token`` / ``constant`` variants."""
+    return informative.bool() if norm in INFORMATIVE_ONLY else mask.any(1)
+
+
 def grpo_policy_loss(logp: Tensor, advantages: Tensor, mask: Tensor, informative: Tensor,
-                     norm: LossNorm = "sequence", max_tokens: int | None = None,
+                     norm: LossNorm = "grpo", max_tokens: int | None = None,
                      reduce: Callable[[float], float] | None = None) -> Tensor:
     """GRPO's policy term for strictly on-policy updates: ``-A · ratio`` per policy token with the
-    ratio ``exp(logp - logp.detach())`` (1 in value, ``∇logp`` in gradient), averaged as ``norm`` says.
+    ratio ``exp(logp - logp.detach())`` (1 in value, ``∇logp`` in gradient), averaged by
+    :func:`aggregate_tokens` over :func:`policy_rows`.
 
-    Only rollouts of informative groups (``informative``; see :func:`informative_groups`) enter the
-    average: an all-equal group has advantage 0 and would only dilute the others.
-
-    - ``sequence`` (GRPO): per rollout, the mean over its tokens; then the mean over rollouts. Every
-      rollout weighs the same, so a token of a short rollout weighs more than one of a long rollout.
-    - ``token`` (DAPO): the sum over all tokens of the rollouts over their number of tokens.
-    - ``constant`` (Dr. GRPO): per rollout, the sum over its tokens divided by ``max_tokens`` (the
-      length cap); then the mean over rollouts. No length bias in either direction.
+    With the published norms every rollout counts (an all-equal group has advantage 0: its tokens add 0
+    but stay in the denominator, as in TRL); the informative-only variants drop such groups from it.
 
     Args:
         logp: ``[R, T]`` log-probabilities of the policy tokens (0 elsewhere).
         advantages: ``[R]``. mask: ``[R, T]`` True on policy tokens. informative: ``[R]`` bool.
-        reduce: maps this batch's count (rollouts or tokens) to the one the mean divides by (under DDP
-            the sum over ranks), as in :func:`masked_token_mean`.
     """
-    if norm not in ("sequence", "token", "constant"):
-        raise ValueError(f"unknown loss normalisation {norm!r}: use sequence, token or constant")
-    if norm == "constant" and not max_tokens:
-        raise ValueError("loss_norm 'constant' needs max_tokens (the length cap)")
-    rows = informative.bool() & mask.any(1)
-    tokens = mask[rows].sum(1)
-    count = float(tokens.sum()) if norm == "token" else float(rows.sum())
-    total = reduce(count) if reduce is not None else count
-    if total == 0 or count == 0:
-        return logp.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) intact
     ratio = torch.exp(logp - logp.detach())
-    per_token = -(ratio * advantages[:, None].to(logp.dtype)).masked_fill(~mask, 0.0)[rows]
-    if norm == "sequence":
-        return (per_token.sum(1) / tokens).sum() / total
-    if norm == "token":
-        return per_token.sum() / total
-    return (per_token.sum(1) / max_tokens).sum() / total
+    per_token = -(ratio * advantages[:, None].to(logp.dtype))
+    return aggregate_tokens(per_token, mask, policy_rows(mask, informative, norm), norm, max_tokens, reduce)
 
 
 class _RandomState:

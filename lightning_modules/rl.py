@@ -21,12 +21,17 @@ Our choices where the paper is silent (``docs/design.md``), with why:
 - **Log-probs of the distribution sampled**: ``log_softmax(logits / T)`` over the whole vocabulary, for
   the policy term, the KL and the entropy. ``top_k`` / ``top_p`` are off by default; turned on, they
   truncate the sampler and the scored log-probs alike (renormalised; TRL scores the untruncated policy).
-- **Advantages**: ``(r − mean_group) / (std_group + 1e-6)`` (GRPO; ``scale_rewards: false`` gives Dr.
-  GRPO's unscaled variant). A group whose rewards are all equal carries no signal: it leaves the policy
-  term's mean (it is not counted in the denominator) and its share is logged.
-- **Normalisation** (``loss_norm``): ``sequence`` = mean over trajectories of their per-token mean
-  (GRPO), ``token`` = mean over all tokens of the batch (DAPO), ``constant`` = per-trajectory token sums
-  divided by the length cap, then the mean over trajectories (Dr. GRPO).
+- **Advantages**: ``(r − mean_group) / (std_group + 1e-6)`` (GRPO, DAPO); without the std for
+  ``dr_grpo`` (``scale_rewards`` overrides either way). A group whose rewards are all equal has advantage
+  0; its share is logged.
+- **Normalisation** (``loss_norm``), as published (TRL's ``loss_type``): ``grpo`` = mean over all
+  trajectories of their per-token mean, ``dapo`` = mean over all tokens of the batch, ``dr_grpo`` = token
+  sums over (trajectories × length cap). ``sequence`` / ``token`` / ``constant`` are the same averages over
+  the trajectories of informative groups only (this project's first reading; the policy term's weight
+  against the other terms then swings with the share of all-equal groups).
+- **KL placement** (``kl_placement``): ``per_token`` (default for the published norms) adds β·KL to each
+  policy token's loss before the normalisation, as TRL does; ``token_mean`` (default for the
+  informative-only variants) is a separate mean over all policy tokens.
 - **Policy tokens**: every sampled token of the response. A trajectory that ends its turn without the
   embed token keeps the stop token it actually sampled in the policy mask (the action that failed), while
   the text appended by the format fix-up (" The embedding is <|embed_token|>") was never sampled and gets
@@ -68,15 +73,18 @@ from search_r3.environment.rewards import RewardKind
 from search_r3.evaluation.distributed import sum_over_ranks, world_and_rank
 from search_r3.lightning_modules.adapter_training import AdapterTrainingModule
 from search_r3.lightning_modules.losses import (
+    INFORMATIVE_ONLY,
     KLEstimator,
     LossNorm,
     TokenScores,
+    aggregate_tokens,
     chunked_token_scores,
     grpo_policy_loss,
     group_advantages,
     informative_groups,
     masked_token_mean,
     multi_positive_info_nce,
+    policy_rows,
     reference_token_logp,
 )
 from search_r3.model.embedding_lm import EmbeddingLM, Generated
@@ -129,13 +137,16 @@ class RLModule(AdapterTrainingModule):
         temperature / top_k / top_p / max_new_tokens: sampling of the trajectories; ``top_k: 0`` and
             ``top_p: 1.0`` (defaults) sample the full distribution (``max_new_tokens`` ``None``: the
             encoder's cap).
-        loss_norm: how the policy term averages over tokens (``sequence``, ``token``, ``constant``).
+        loss_norm: how the policy term averages over tokens: ``grpo``, ``dapo``, ``dr_grpo`` (as published),
+            or their informative-groups-only variants ``sequence``, ``token``, ``constant``.
+        kl_placement: ``per_token`` (β·KL inside the policy normalisation, TRL) or ``token_mean`` (a
+            separate mean over policy tokens); ``None``: per_token for the published norms.
         kl_estimator: ``exact`` (KL over the vocabulary) or ``k3`` (GRPO's sample estimator).
         logit_chunk_rows: response positions projected to the vocabulary at a time (peak memory); None =
             all at once, logits kept for backward (the unchunked baseline).
         kl_weight: β. embed_weight: λ (0 = pure GRPO). embed_advantage_weighted: weight InfoNCE rows by
             max(advantage, 0). tau: InfoNCE temperature.
-        scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
+        scale_rewards: divide advantages by the group's std; ``None``: not for ``dr_grpo``, else yes.
         reward_kind / reward_k: ``ndcg`` or ``scaled_dcg`` at cut-off k. failure_reward: reward of a
             trajectory that fails the format. format_penalty: if set, such a trajectory is rewarded by its
             (fixed-up) embedding's retrieval minus this instead (``failure_reward`` unused).
@@ -151,16 +162,17 @@ class RLModule(AdapterTrainingModule):
     """
 
     def __init__(self, encoder: EmbeddingLM, group_size: int = 4, temperature: float = 1.0, top_p: float = 1.0,
-                 max_new_tokens: int | None = None, loss_norm: LossNorm = "sequence",
+                 max_new_tokens: int | None = None, loss_norm: LossNorm = "grpo",
                  kl_weight: float = 0.04, kl_estimator: KLEstimator = "exact", logit_chunk_rows: int | None = 1024,
                  embed_weight: float = 0.1, embed_advantage_weighted: bool = False,
-                 tau: float = 0.05, scale_rewards: bool = True, reward_kind: RewardKind = "ndcg", reward_k: int = 10,
+                 tau: float = 0.05, scale_rewards: bool | None = None, reward_kind: RewardKind = "ndcg", reward_k: int = 10,
                  failure_reward: float = 0.0, format_penalty: float | None = None, min_reasoning_tokens: int = 0,
                  refresh: RefreshPolicy | None = None, index: Literal["exact", "hnsw"] = "exact",
                  probe_every: int | None = None, sample_texts: int = 4, samples_every: int = 8,
                  lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0, gradient_clip: float = 1.0,
                  adapter_dir: str = "runs/rl/adapter", val_modes: list[Literal["direct", "reasoning"]] | None = None,
-                 seed: int = 0, top_k: int = 0) -> None:
+                 seed: int = 0, top_k: int = 0,
+                 kl_placement: Literal["per_token", "token_mean"] | None = None) -> None:
         super().__init__(encoder, lr, weight_decay, warmup_steps, gradient_clip, adapter_dir,
                          val_modes or ["reasoning", "direct"])
         if group_size < 2:
@@ -174,6 +186,11 @@ class RLModule(AdapterTrainingModule):
         self.loss_norm, self.kl_estimator, self.logit_chunk_rows = loss_norm, kl_estimator, logit_chunk_rows
         self.kl_weight, self.embed_weight, self.embed_advantage_weighted, self.tau = \
             kl_weight, embed_weight, embed_advantage_weighted, tau
+        if scale_rewards is None:
+            scale_rewards = loss_norm != "dr_grpo"
+        if kl_placement is None:
+            kl_placement = "token_mean" if loss_norm in INFORMATIVE_ONLY else "per_token"
+        self.kl_placement = kl_placement
         self.scale_rewards, self.reward_kind, self.reward_k, self.failure_reward = \
             scale_rewards, reward_kind, reward_k, failure_reward
         self.format_penalty, self.min_reasoning_tokens = format_penalty, min_reasoning_tokens
@@ -339,7 +356,15 @@ class RLModule(AdapterTrainingModule):
         reduce = lambda count: sum_over_ranks(count, self.device)  # noqa: E731  (identity on one process)
         terms = {"policy": grpo_policy_loss(logp, advantages, r["policy"], informative, self.loss_norm, self.cap,
                                             reduce=reduce)}
-        terms["kl"] = masked_token_mean(tokens.kl, reduce) if self.kl_weight else logp.new_zeros(())
+        if not self.kl_weight:
+            terms["kl"] = logp.new_zeros(())
+        elif self.kl_placement == "per_token":  # β·KL per token, inside the policy term's normalisation
+            kl = torch.zeros(r["policy"].shape, dtype=tokens.kl.dtype, device=tokens.kl.device)
+            kl = kl.masked_scatter(r["policy"], tokens.kl)
+            terms["kl"] = aggregate_tokens(kl, r["policy"], policy_rows(r["policy"], informative, self.loss_norm),
+                                           self.loss_norm, self.cap, reduce)
+        else:
+            terms["kl"] = masked_token_mean(tokens.kl, reduce)
         if self.embed_weight:
             idx, ok, relevant = self.env.candidates(emb.detach(), positives)
             docs = self.env.vectors[idx].to(emb.device)

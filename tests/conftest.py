@@ -255,6 +255,25 @@ def sampled_token_reward() -> type:
     return SampledTokenReward
 
 
+class AlternatingParityReward(RLModule):  # module level: ddp_spawn pickles it by reference
+    """Stage 2 with a reward = the share of a rollout's policy tokens whose parity is their position's in
+    the response (even ids at positions 0, 2, ..., odd ids at 1, 3, ...).
+
+    Like :class:`SampledTokenReward` it depends on the sampled tokens alone, but *where* each token sits
+    matters: a policy gradient whose log-probs are read one position off (hidden states misaligned with
+    their targets) pushes each position towards the parity of its neighbour and cannot raise it."""
+
+    def rollout_rewards(self, r: dict, emb, positives):
+        position = r["policy"].long().cumsum(1) - 1
+        rewarded = (r["targets"] % 2 == position % 2) & r["policy"]
+        return rewarded.sum(1).float() / r["policy"].sum(1).clamp(min=1)
+
+
+@pytest.fixture()
+def alternating_parity_reward() -> type:
+    return AlternatingParityReward
+
+
 def _perturb_trainable(model, scale: float = 0.1, noise: bool = False) -> None:
     """Move every trainable parameter (LoRA A and B, the token rows) away from its initial value, as
     training would: LoRA's B starts at zero, so an untrained adapter would hide what a test checks."""

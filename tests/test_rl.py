@@ -12,7 +12,13 @@ import torch
 from search_r3.datamodules.rl_queries import RLQueryDataModule
 from search_r3.environment import RefreshPolicy
 from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
-from search_r3.lightning_modules.losses import grpo_policy_loss, group_advantages, informative_groups, multi_positive_info_nce
+from search_r3.lightning_modules.losses import (
+    aggregate_tokens,
+    grpo_policy_loss,
+    group_advantages,
+    informative_groups,
+    multi_positive_info_nce,
+)
 from search_r3.lightning_modules.rl import RLModule
 
 
@@ -21,7 +27,8 @@ def _module(tiny_lm_dir: Path, tmp_path: Path, **kw) -> RLModule:
     encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=8,
                           lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=32, max_query_tokens=24)
     kw.setdefault("refresh", RefreshPolicy(top_l=5))
-    return RLModule(encoder, group_size=4, adapter_dir=str(tmp_path / "adapter"), lr=1e-2, **kw)
+    kw.setdefault("group_size", 4)
+    return RLModule(encoder, adapter_dir=str(tmp_path / "adapter"), lr=1e-2, **kw)
 
 
 def _data(root: Path, **kw) -> RLQueryDataModule:
@@ -57,6 +64,54 @@ def test_policy_loss_normalisations_by_hand() -> None:
         assert float(loss) == pytest.approx(value), norm
         want = torch.tensor([[g0, g0, 0.0], [g1, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
         torch.testing.assert_close(logp.grad, want, msg=norm)
+
+
+def test_published_normalisations_by_hand() -> None:
+    """The papers' formulas (TRL's ``loss_type``) on the same batch: every rollout counts, the all-equal
+    group included (its advantage is 0, but it stays in the denominator): 4 rollouts, 9 tokens."""
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    adv = group_advantages(rewards, 2, scale=False)
+    informative = informative_groups(rewards, 2)
+    mask = torch.tensor([[True, True, False], [True, False, False], [True, True, True], [True, True, True]])
+    expected = {
+        "grpo": (0.0, [-0.5 / (2 * 4), 0.5 / (1 * 4)]),                      # (1/R) Σ_i (1/|o_i|) Σ_t
+        "dapo": ((-1.0 + 0.5) / 9, [-0.5 / 9, 0.5 / 9]),                     # Σ_i Σ_t / Σ_i |o_i|
+        "dr_grpo": ((-1.0 + 0.5) / (4 * 4), [-0.5 / 16, 0.5 / 16]),          # Σ_i Σ_t / (R · L_max), L_max = 4
+    }
+    for norm, (value, (g0, g1)) in expected.items():
+        logp = torch.randn(4, 3).masked_fill(~mask, 0.0).requires_grad_()
+        loss = grpo_policy_loss(logp, adv, mask, informative, norm, max_tokens=4)
+        loss.backward()
+        assert float(loss) == pytest.approx(value), norm
+        want = torch.tensor([[g0, g0, 0.0], [g1, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+        torch.testing.assert_close(logp.grad, want, msg=norm)
+    # A per-token value (the KL) averaged the same way: every rollout and token counts.
+    kl = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, 0.0], [1.0, 1.0, 4.0], [0.0, 0.0, 9.0]])
+    rows = torch.ones(4, dtype=torch.bool)
+    assert float(aggregate_tokens(kl, mask, rows, "grpo")) == pytest.approx((2.0 + 2.0 + 2.0 + 3.0) / 4)
+    assert float(aggregate_tokens(kl, mask, rows, "dapo")) == pytest.approx(21.0 / 9)
+    assert float(aggregate_tokens(kl, mask, rows, "dr_grpo", max_tokens=4)) == pytest.approx(21.0 / 16)
+
+
+def test_kl_enters_per_token_and_dr_grpo_leaves_advantages_unscaled(tiny_lm_dir: Path, tmp_path: Path) -> None:
+    """TRL's placement: β·KL per token inside the policy term's normalisation (here GRPO's per-rollout
+    mean), the all-equal group included; ``token_mean`` keeps the separate mean over policy tokens."""
+    from search_r3.lightning_modules.losses import TokenScores
+
+    mask = torch.tensor([[True, True, False], [True, False, False], [True, True, True], [True, True, True]])
+    kl = torch.tensor([1.0, 3.0, 2.0, 1.0, 1.0, 4.0, 0.0, 0.0, 9.0])  # the policy tokens in row order
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    logp = torch.zeros(4, 3)
+    got = {}
+    for placement in ("per_token", "token_mean"):
+        module = _module(tiny_lm_dir, tmp_path, group_size=2, kl_weight=0.1, embed_weight=0.0, kl_placement=placement)
+        terms = module.losses({"policy": mask}, torch.zeros(4, 8), logp, TokenScores(logp[mask], kl, kl * 0),
+                              group_advantages(rewards, 2), [], rewards)
+        got[placement] = float(terms["kl"])
+    assert got == {"per_token": pytest.approx((2.0 + 2.0 + 2.0 + 3.0) / 4), "token_mean": pytest.approx(21.0 / 9)}
+    assert not _module(tiny_lm_dir, tmp_path, loss_norm="dr_grpo").scale_rewards
+    assert _module(tiny_lm_dir, tmp_path, loss_norm="grpo").scale_rewards
+    assert _module(tiny_lm_dir, tmp_path, loss_norm="sequence").kl_placement == "token_mean"
 
 
 def test_all_equal_groups_give_no_policy_gradient() -> None:
@@ -364,13 +419,13 @@ def test_rollout_scores_the_sampled_stop_token_at_the_sampling_temperature(tiny_
 
 
 def _sampled_token_reward_curve(tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path, steps: int,
-                                sampled_token_reward: type) -> list[float]:
+                                sampled_token_reward: type, lr: float = 1e-2) -> list[float]:
     torch.manual_seed(0)
     encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=8,
                           lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=32, max_query_tokens=24)
     # top_k=50: a sampler truncated to 50 of the ~400 tokens (scored under the same truncation), so 24
     # steps of a tiny random model move a visible share of the sampled tokens.
-    module = sampled_token_reward(encoder, group_size=4, adapter_dir=str(tmp_path / "adapter"), lr=1e-2,
+    module = sampled_token_reward(encoder, group_size=4, adapter_dir=str(tmp_path / "adapter"), lr=lr,
                                  embed_weight=0.0, kl_weight=0.0, refresh=RefreshPolicy(top_l=5), samples_every=0,
                                  top_k=50)
     rewards: list[float] = []
@@ -399,6 +454,15 @@ def test_the_policy_gradient_alone_raises_a_reward_on_sampled_tokens(tiny_lm_dir
     monkeypatch.setattr(rl, "group_advantages", lambda *a, **k: -flipped(*a, **k))
     wrong = _sampled_token_reward_curve(tiny_lm_dir, mini_train_root, tmp_path / "down", 24, sampled_token_reward)
     assert sum(wrong[-6:]) / 6 < sum(wrong[:6]) / 6 - 0.15, wrong
+
+
+def test_the_policy_gradient_credits_each_token_at_its_own_position(tiny_lm_dir: Path, mini_train_root: Path,
+                                                                    tmp_path: Path, alternating_parity_reward: type) -> None:
+    """A reward on which token sits at which position (see conftest.AlternatingParityReward): only log-probs
+    read at the positions that predict their tokens can raise it (checked: reading the hidden states one
+    position off makes this fail)."""
+    rewards = _sampled_token_reward_curve(tiny_lm_dir, mini_train_root, tmp_path, 40, alternating_parity_reward, lr=3e-2)
+    assert sum(rewards[-6:]) / 6 > sum(rewards[:6]) / 6 + 0.15, rewards
 
 
 def test_training_sources_name_the_files_that_train_the_policy(mini_train_root: Path) -> None:
