@@ -44,6 +44,7 @@ from search_r3.evaluation.results_record import record_rows
 from search_r3.datamodules.bm25 import corpus_digest
 from search_r3.evaluation.retrievers import DenseRetriever, Retriever
 from search_r3.evaluation.run_files import RunProvenance, meta_path, write_trec_run
+from search_r3.model.analysis_measures import analysis_rates
 from search_r3.model.embedding_lm import ReasoningRecord
 from search_r3.model.progress import ProgressLine
 
@@ -247,9 +248,13 @@ class RetrievalEvalModule(L.LightningModule):
                         records = [merged[k] for k in sorted(merged)]
                         row.reasoning = reasoning_length_stats([r.tokens for r in records],
                                                                sum(r.appended for r in records))
+                        row.reasoning.update(analysis_rates([r.measures for r in records if r.measures]))
                         self._samples[(task.name, row.label)] = [
                             {"query": r.query, "analysis": r.analysis, "analysis_tokens": r.tokens,
-                             "embed_token_appended": r.appended} for r in records]
+                             "embed_token_appended": r.appended,
+                             "copies_query": bool(r.measures and r.measures.copies_query),
+                             "begins_with_closing": bool(r.measures and r.measures.begins_with_closing)}
+                            for r in records]
                     self.rows.append(row)
                     runs[(row.label, task.name)] = run
                     metrics.update({metric_key("test", task.name, row.label, k): v for k, v in metrics_.items()})

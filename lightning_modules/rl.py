@@ -203,7 +203,8 @@ class RLModule(AdapterTrainingModule):
         self.seed = seed
         self.rollout_stats = torch.nn.ModuleDict({key: MeanMetric(dist_sync_on_step=True) for key in (
             "reward", "reward_ge_0_5", "format_failure_rate", "missing_token_rate", "zero_variance_groups",
-            "entropy", "reasoning_tokens", "empty_reasoning_rate")})
+            "entropy", "reasoning_tokens", "empty_reasoning_rate", "copies_query_rate", "begins_with_closing_rate",
+            "capped_rate")})
         self.epoch_means = EpochMeans()
 
     @property
@@ -273,7 +274,7 @@ class RLModule(AdapterTrainingModule):
                                                              temperature=self.temperature, top_p=self.top_p,
                                                              top_k=self.top_k))
         gen = Generated(*(sum((getattr(p, f) for p in parts), []) for f in
-                          ("prompts", "responses", "missing", "stop_tokens", "analysis_tokens")))
+                          ("prompts", "responses", "missing", "stop_tokens", "analysis_tokens", "measures")))
         close = len(self.encoder.reasoning_close_ids)
         ids, mask = self.encoder.pad([p + r for p, r in zip(gen.prompts, gen.responses)])
         policy = torch.zeros_like(mask, dtype=torch.bool)
@@ -289,6 +290,8 @@ class RLModule(AdapterTrainingModule):
         return {"texts": texts, "input_ids": ids, "attention_mask": mask, "policy": policy, "targets": targets,
                 "missing": missing, "capped": missing & torch.tensor([s is None for s in gen.stop_tokens]),
                 "analysis_tokens": analysis_len, "responses": gen.responses,
+                "copies_query": torch.tensor([m.copies_query for m in gen.measures]),
+                "begins_with_closing": torch.tensor([m.begins_with_closing for m in gen.measures]),
                 "format_failed": missing | (analysis_len < self.min_reasoning_tokens)}
 
     def _forward(self, r: dict[str, Any]) -> tuple[Tensor, Tensor, TokenScores]:
@@ -403,6 +406,10 @@ class RLModule(AdapterTrainingModule):
             "entropy": entropy,
             "reasoning_tokens": length,
             "empty_reasoning_rate": (length == 0).float(),
+            # what the analyses are (search_r3.model.analysis_measures): copies of the query, template openers
+            "copies_query_rate": r["copies_query"].float(),
+            "begins_with_closing_rate": r["begins_with_closing"].float(),
+            "capped_rate": r["capped"].float(),
         }
         step: dict[str, float] = {}
         for key, value in values.items():

@@ -31,6 +31,7 @@ from search_r3.model.base_models import ModelNotAvailableError, resolve_model_di
 from search_r3.model.digests import folder_digest
 from search_r3.model.errors import AdapterError
 from search_r3.model.progress import progress
+from search_r3.model.analysis_measures import AnalysisMeasures, measure_analysis, strip_closing_tail, strip_templates
 from search_r3.model.prompts import PromptTemplates, Side
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Generated:
     missing: list[bool]
     stop_tokens: list[int | None]
     analysis_tokens: list[int]
+    measures: list[AnalysisMeasures]  # what each analysis is (see search_r3.model.analysis_measures)
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,9 @@ class ReasoningRecord:
 
     query: str
     analysis: str
-    tokens: int  # analysis tokens, without the closing words (0: nothing but "The embedding is" and the token)
+    tokens: int  # analysis tokens, without any template phrase (0: nothing but "The embedding is" and the token)
     appended: bool  # the model never wrote the embed token within the budget; it was appended
+    measures: AnalysisMeasures | None = None
 
 
 @dataclass
@@ -514,8 +517,13 @@ class EmbeddingLM(nn.Module):
         finished = [close_response(row, self.embed_token_id, set(stops) | {pad}, close_ids) for row in new]
         responses = [r for r, _, _ in finished]
         missing = [m for _, m, _ in finished]
-        analysis = [self.analysis_length(r[: len(r) - (len(close_ids) if m else 1)]) for r, m in zip(responses, missing)]
-        return Generated(prompts, responses, missing, [s for _, _, s in finished], analysis)
+        stop_tokens = [s for _, _, s in finished]
+        written = [self.tokenizer.decode(r[: len(r) - (len(close_ids) if m else 1)], skip_special_tokens=False)
+                   for r, m in zip(responses, missing)]
+        queries = [t for t in texts for _ in range(copies)]
+        measures = [measure_analysis(w, q, self._count_tokens, self.prompts, capped=m and s is None)
+                    for w, q, m, s in zip(written, queries, missing, stop_tokens)]
+        return Generated(prompts, responses, missing, stop_tokens, [m.tokens for m in measures], measures)
 
     @property
     def reasoning_close_ids(self) -> list[int]:
@@ -526,22 +534,19 @@ class EmbeddingLM(nn.Module):
         return self._close_ids
 
     def analysis_length(self, written: list[int]) -> int:
-        """How many of the tokens a model wrote before its embed token are analysis: all of them, less a
-        closing sentence ("The embedding is") at their end.
+        """How many of the tokens a model wrote before its embed token are analysis: the tokens of what is
+        left once every template phrase ("The embedding is", anywhere, any case) is removed.
 
         Those words are the response format, not reasoning. Counted, a collapsed policy that answers
         every query with "The embedding is <|embed_token|>" (direct mode under another prompt) would be
-        reported as writing 4 tokens of reasoning with no empty analyses; ``min_reasoning_tokens`` would
-        be met by the format alone. Matched on decoded text, so any split of the words into tokens (with
-        or without a leading space, any case) is found."""
-        words = self.prompts.closing_words.casefold()
-        if not words:
-            return len(written)
-        longest = len(self.reasoning_close_ids) + 2  # the words, the token, and room for another split
-        for k in range(1, min(len(written), longest) + 1):
-            if self.tokenizer.decode(written[-k:]).strip().casefold() == words:
-                return len(written) - k
-        return len(written)
+        reported as writing 4 tokens of reasoning, and "The embedding is X. The embedding is Y" would meet
+        ``min_reasoning_tokens`` with the format. Matched on decoded text, so any split of the words into
+        tokens is found (:mod:`search_r3.model.analysis_measures`)."""
+        own = strip_templates(self.tokenizer.decode(written, skip_special_tokens=False), self.prompts)
+        return self._count_tokens(own) if own else 0
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _prefill_cache(self, ids: Tensor, mask: Tensor) -> Any:
         """The key/value cache of left-padded prompts, positioned as ``generate`` positions them (from
@@ -561,11 +566,13 @@ class EmbeddingLM(nn.Module):
         ids, mask = self.pad([p + r for p, r in zip(gen.prompts, gen.responses)])
         with self.inference():
             emb = self.embed_at_token(ids, mask).cpu()
-        # the analysis is a prefix of every response: what comes before the closing words
-        analyses = [self.tokenizer.decode(resp[:n], skip_special_tokens=False).strip()
-                    for resp, n in zip(gen.responses, gen.analysis_tokens)]
-        self.reasoning_log.extend(ReasoningRecord(q, a, n, m) for q, a, n, m
-                                  in zip(texts, analyses, gen.analysis_tokens, gen.missing))
+        # the analysis as written: the response less the embed token and a closing sentence at its end
+        close = len(self.reasoning_close_ids)
+        analyses = [strip_closing_tail(self.tokenizer.decode(resp[: len(resp) - (close if miss else 1)],
+                                                             skip_special_tokens=False), self.prompts)
+                    for resp, miss in zip(gen.responses, gen.missing)]
+        self.reasoning_log.extend(ReasoningRecord(q, a, n, m, measures) for q, a, n, m, measures
+                                  in zip(texts, analyses, gen.analysis_tokens, gen.missing, gen.measures))
         return ReasoningOutput(
             embeddings=emb,
             texts=analyses,

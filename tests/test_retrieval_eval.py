@@ -170,11 +170,14 @@ def test_mlflow_gets_one_comparable_child_run_per_row(tiny_lm_dir: Path, mini_sc
 
     reasoning = by_name["scifact/tiny.reasoning"].info.run_id
     table = json.loads(Path(client.download_artifacts(reasoning, "reasoning_samples.json", str(tmp_path))).read_text())
-    assert table["columns"] == ["query", "analysis", "analysis_tokens", "embed_token_appended"]
+    assert table["columns"] == ["query", "analysis", "analysis_tokens", "embed_token_appended", "copies_query",
+                                "begins_with_closing"]
     task = trainer.datamodule.tasks[0]
     assert [r[0] for r in table["data"]] == list(task.queries.values())  # every test query, in order
     expected = {(r.query, r.analysis, r.tokens) for r in long.reasoning_log}
-    assert {(q, a, n) for q, a, n, _ in table["data"]} == expected
+    assert {(q, a, n) for q, a, n, *_ in table["data"]} == expected
+    metrics = by_name["scifact/tiny.reasoning"].data.metrics  # every reasoning row says what its analyses are
+    assert {"test/copies_query_rate", "test/begins_with_closing_rate", "test/capped_rate"} <= set(metrics)
     assert "reasoning_samples.json" not in {a.path for a in client.list_artifacts(by_name["scifact/tiny.direct"].info.run_id)}
 
     back = rows_from_runs(client, [client.get_run(logger.run_id)], "nDCG@10")

@@ -399,8 +399,11 @@ def test_rollout_scores_the_sampled_stop_token_at_the_sampling_temperature(tiny_
     prompts = enc.reasoning_prompt_ids(["vitamin D"] * 4)
     eos = tok.eos_token_id
     responses = [words + [enc.embed_token_id], words + close, words[:1] + close, [enc.embed_token_id]]
-    gen = Generated(prompts, responses, [False, True, True, False], [None, eos, None, None],
-                    [len(words), len(words), 1, 0])
+    from search_r3.model.analysis_measures import AnalysisMeasures
+
+    lengths = [len(words), len(words), 1, 0]
+    gen = Generated(prompts, responses, [False, True, True, False], [None, eos, None, None], lengths,
+                    [AnalysisMeasures(n, False, False, i == 2) for i, n in enumerate(lengths)])
     module.encoder.generate_reasoning = lambda *a, **k: gen  # the layout under test, not the sampler
     r = module.rollout(["vitamin D"])
     p = len(prompts[0])
