@@ -226,6 +226,20 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
     return centred.flatten()
 
 
+def direct_advantages(rewards: Tensor, direct_rewards: Tensor, group_size: int) -> Tensor:
+    """Advantages against the direct embedding (ReMax-style): each rollout's reward minus the reward of
+    its query's direct-mode embedding (``direct_rewards``, one per group), unscaled.
+
+    Why not the group mean: GRPO pays an analysis relative to its siblings only, so when every analysis of
+    a query hurts retrieval the best of them is still reinforced. Against the direct embedding, an analysis
+    earns credit only for what it adds over writing none, and an empty analysis (whose embedding is close
+    to the direct one) is an action that costs nothing when nothing helps. A per-query constant subtracted
+    from the rewards would do nothing under group normalisation; it has to enter the advantage, here."""
+    if rewards.numel() != direct_rewards.numel() * group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not match {direct_rewards.numel()} queries x {group_size}")
+    return (rewards.float().view(-1, group_size) - direct_rewards.float().view(-1, 1)).flatten()
+
+
 LossNorm = Literal["grpo", "dapo", "dr_grpo", "sequence", "token", "constant"]
 # The published normalisations, and each one's "informative groups only" variant (this project's first
 # reading): same shape of average, but rollouts of all-equal groups leave the denominator.

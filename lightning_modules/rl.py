@@ -81,6 +81,7 @@ from search_r3.lightning_modules.losses import (
     chunked_token_scores,
     grpo_policy_loss,
     group_advantages,
+    direct_advantages,
     informative_groups,
     masked_token_mean,
     multi_positive_info_nce,
@@ -147,6 +148,9 @@ class RLModule(AdapterTrainingModule):
         kl_weight: β. embed_weight: λ (0 = pure GRPO). embed_advantage_weighted: weight InfoNCE rows by
             max(advantage, 0). tau: InfoNCE temperature.
         scale_rewards: divide advantages by the group's std; ``None``: not for ``dr_grpo``, else yes.
+        advantage_baseline: ``group`` (GRPO: the group's mean) or ``direct`` (each rollout's reward minus
+            that of its query's direct-mode embedding under the current policy, unscaled; see
+            :func:`~search_r3.lightning_modules.losses.direct_advantages`).
         reward_kind / reward_k: ``ndcg`` or ``scaled_dcg`` at cut-off k. failure_reward: reward of a
             trajectory that fails the format. format_penalty: if set, such a trajectory is rewarded by its
             (fixed-up) embedding's retrieval minus this instead (``failure_reward`` unused).
@@ -172,7 +176,8 @@ class RLModule(AdapterTrainingModule):
                  lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0, gradient_clip: float = 1.0,
                  adapter_dir: str = "runs/rl/adapter", val_modes: list[Literal["direct", "reasoning"]] | None = None,
                  seed: int = 0, top_k: int = 0,
-                 kl_placement: Literal["per_token", "token_mean"] | None = None) -> None:
+                 kl_placement: Literal["per_token", "token_mean"] | None = None,
+                 advantage_baseline: Literal["group", "direct"] = "group") -> None:
         super().__init__(encoder, lr, weight_decay, warmup_steps, gradient_clip, adapter_dir,
                          val_modes or ["reasoning", "direct"])
         if group_size < 2:
@@ -191,6 +196,9 @@ class RLModule(AdapterTrainingModule):
         if kl_placement is None:
             kl_placement = "token_mean" if loss_norm in INFORMATIVE_ONLY else "per_token"
         self.kl_placement = kl_placement
+        if advantage_baseline not in ("group", "direct"):
+            raise ValueError(f"advantage_baseline must be 'group' or 'direct', got {advantage_baseline!r}")
+        self.advantage_baseline = advantage_baseline
         self.scale_rewards, self.reward_kind, self.reward_k, self.failure_reward = \
             scale_rewards, reward_kind, reward_k, failure_reward
         self.format_penalty, self.min_reasoning_tokens = format_penalty, min_reasoning_tokens
@@ -204,7 +212,7 @@ class RLModule(AdapterTrainingModule):
         self.rollout_stats = torch.nn.ModuleDict({key: MeanMetric(dist_sync_on_step=True) for key in (
             "reward", "reward_ge_0_5", "format_failure_rate", "missing_token_rate", "zero_variance_groups",
             "entropy", "reasoning_tokens", "empty_reasoning_rate", "copies_query_rate", "begins_with_closing_rate",
-            "capped_rate")})
+            "capped_rate", "beats_direct_rate", "margin_over_direct")})
         self.epoch_means = EpochMeans()
 
     @property
@@ -330,9 +338,16 @@ class RLModule(AdapterTrainingModule):
         # forward, which must see the same deterministic model (see EmbeddingLM.eval_mode).
         with self.encoder.eval_mode():
             emb, logp, tokens = self._forward(r)
-            stats = env.step_refresh(emb.detach(), positives)
+            direct = self.direct_embeddings(batch["query"]) if self.advantage_baseline == "direct" else None
+            query_positives = positives[:: self.group_size]
+            touched = emb.detach() if direct is None else torch.cat([emb.detach(), direct])
+            stats = env.step_refresh(touched, positives + (query_positives if direct is not None else []))
             rewards = self.rollout_rewards(r, emb.detach(), positives).to(self.device)
-            advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
+            if direct is None:
+                advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
+            else:
+                r["direct_rewards"] = self.direct_rewards(direct, query_positives).to(self.device)
+                advantages = direct_advantages(rewards, r["direct_rewards"], self.group_size)
             terms = self.losses(r, emb, logp, tokens, advantages, positives, rewards)
             total = terms["policy"] + self.kl_weight * terms["kl"] + self.embed_weight * terms["embed"]
             self.optimizers().zero_grad()
@@ -355,7 +370,8 @@ class RLModule(AdapterTrainingModule):
     def losses(self, r: dict[str, Any], emb: Tensor, logp: Tensor, tokens: TokenScores, advantages: Tensor,
                positives: list[list[int]], rewards: Tensor) -> dict[str, Tensor]:
         """The three terms, unweighted (``policy``, ``kl``, ``embed``)."""
-        informative = informative_groups(rewards, self.group_size)
+        # a group whose rewards are all equal still carries signal against a direct baseline
+        informative = informative_groups(rewards, self.group_size) | (advantages != 0)
         reduce = lambda count: sum_over_ranks(count, self.device)  # noqa: E731  (identity on one process)
         terms = {"policy": grpo_policy_loss(logp, advantages, r["policy"], informative, self.loss_norm, self.cap,
                                             reduce=reduce)}
@@ -377,6 +393,18 @@ class RLModule(AdapterTrainingModule):
         else:
             terms["embed"] = emb.new_zeros(())
         return terms
+
+    @torch.no_grad()
+    def direct_embeddings(self, queries: list[str]) -> Tensor:
+        """The current policy's direct-mode embeddings of the step's queries (one forward, no sampling):
+        the baseline an analysis must beat under ``advantage_baseline: direct``."""
+        ids, mask = self.encoder.pad(self.encoder.direct_prompt_ids(queries, "query"))
+        return self.encoder.embed_at_token(ids, mask).detach()
+
+    def direct_rewards(self, direct: Tensor, positives: list[list[int]]) -> Tensor:
+        """Per query: the retrieval reward of its direct-mode embedding in the environment."""
+        assert self.env is not None, "the environment is built in on_train_start"
+        return self.env.reward(direct, positives, k=self.reward_k, kind=self.reward_kind)
 
     def rollout_rewards(self, r: dict[str, Any], emb: Tensor, positives: list[list[int]]) -> Tensor:
         """Per trajectory: retrieval reward in the environment, with the format rule for failed ones."""
@@ -411,6 +439,10 @@ class RLModule(AdapterTrainingModule):
             "begins_with_closing_rate": r["begins_with_closing"].float(),
             "capped_rate": r["capped"].float(),
         }
+        if "direct_rewards" in r:  # does writing an analysis beat writing none, and by how much
+            direct = r["direct_rewards"].repeat_interleave(self.group_size).to(rewards.device)
+            values["beats_direct_rate"] = (rewards > direct).float()
+            values["margin_over_direct"] = (rewards - direct).float()
         step: dict[str, float] = {}
         for key, value in values.items():
             metric = self.rollout_stats[key.replace(".", "_")]

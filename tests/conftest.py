@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import torch
 import pytest
 
 from search_r3.lightning_modules.rl import RLModule
@@ -272,6 +273,26 @@ class AlternatingParityReward(RLModule):  # module level: ddp_spawn pickles it b
 @pytest.fixture()
 def alternating_parity_reward() -> type:
     return AlternatingParityReward
+
+
+class AnalysisHelpsOrHurts(RLModule):  # module level: ddp_spawn pickles it by reference
+    """Stage 2 where one kind of analysis helps and another hurts, against a direct embedding worth 0.5:
+    an analysis whose first token is even scores 1, one whose first token is odd scores 0, and an empty
+    one (the embed token at once) scores what the direct embedding does."""
+
+    def rollout_rewards(self, r: dict, emb, positives):
+        first = r["policy"].float().argmax(1)
+        token = r["targets"].gather(1, first[:, None]).squeeze(1)
+        empty = token == self.encoder.embed_token_id
+        return torch.where(empty, torch.full_like(token, 0.5, dtype=torch.float), (token % 2 == 0).float())
+
+    def direct_rewards(self, direct, positives):
+        return torch.full((direct.shape[0],), 0.5)
+
+
+@pytest.fixture()
+def analysis_helps_or_hurts() -> type:
+    return AnalysisHelpsOrHurts
 
 
 def _perturb_trainable(model, scale: float = 0.1, noise: bool = False) -> None:

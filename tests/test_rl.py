@@ -114,6 +114,36 @@ def test_kl_enters_per_token_and_dr_grpo_leaves_advantages_unscaled(tiny_lm_dir:
     assert _module(tiny_lm_dir, tmp_path, loss_norm="sequence").kl_placement == "token_mean"
 
 
+def test_direct_baseline_advantages_by_hand() -> None:
+    """ReMax-style: each rollout against its query's direct embedding's reward, unscaled. An all-equal
+    group that is better (or worse) than writing no analysis still gets its credit, which GRPO's group
+    mean cannot give."""
+    from search_r3.lightning_modules.losses import direct_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.2, 0.2])
+    direct = torch.tensor([0.5, 0.5, 0.4])
+    assert direct_advantages(rewards, direct, 2).tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0, -0.2, -0.2])
+    assert group_advantages(rewards, 2, scale=False).tolist()[4:] == [0.0, 0.0]  # what GRPO makes of it
+    with pytest.raises(ValueError, match="do not match"):
+        direct_advantages(rewards, direct[:2], 2)
+
+
+def test_a_step_with_the_direct_baseline_scores_direct_embeddings_and_logs_the_comparison(
+        tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path) -> None:
+    module = _module(tiny_lm_dir, tmp_path, advantage_baseline="direct", kl_weight=0.0)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=_data(mini_train_root, max_queries=4))
+    metrics = trainer.callback_metrics
+    assert {"train/beats_direct_rate_step", "train/margin_over_direct_step"} <= set(metrics)
+    rate, margin = float(metrics["train/beats_direct_rate_step"]), float(metrics["train/margin_over_direct_step"])
+    assert 0.0 <= rate <= 1.0 and -1.0 <= margin <= 1.0
+    # the baseline is the current policy's direct-mode embedding, exactly what test time computes
+    queries = ["vitamin D deficiency", "who wrote Hamlet?"]
+    with module.encoder.eval_mode():
+        torch.testing.assert_close(module.direct_embeddings(queries).cpu(),
+                                   module.encoder.encode_queries(queries, "direct").cpu(), atol=1e-5, rtol=0)
+
+
 def test_all_equal_groups_give_no_policy_gradient() -> None:
     rewards = torch.tensor([0.5, 0.5, 0.5, 0.5])
     logp = torch.randn(4, 6, requires_grad=True)
@@ -466,6 +496,38 @@ def test_the_policy_gradient_credits_each_token_at_its_own_position(tiny_lm_dir:
     position off makes this fail)."""
     rewards = _sampled_token_reward_curve(tiny_lm_dir, mini_train_root, tmp_path, 40, alternating_parity_reward, lr=3e-2)
     assert sum(rewards[-6:]) / 6 > sum(rewards[:6]) / 6 + 0.15, rewards
+
+
+def test_against_the_direct_baseline_the_policy_learns_the_analysis_that_helps(
+        tiny_lm_dir: Path, mini_train_root: Path, tmp_path: Path, monkeypatch, analysis_helps_or_hurts: type) -> None:
+    """See conftest.AnalysisHelpsOrHurts: the share of rollouts that beat the direct embedding rises; with
+    the direct advantage's sign flipped (the mutation check) it falls."""
+
+    def curve(folder: Path) -> list[float]:
+        torch.manual_seed(0)
+        encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=8,
+                              lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=32, max_query_tokens=24)
+        module = analysis_helps_or_hurts(encoder, group_size=4, adapter_dir=str(folder / "adapter"), lr=1e-2,
+                                         embed_weight=0.0, kl_weight=0.0, refresh=RefreshPolicy(top_l=5),
+                                         samples_every=0, top_k=50, advantage_baseline="direct")
+        shares: list[float] = []
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                shares.append(float(trainer.callback_metrics["train/beats_direct_rate_step"]))
+
+        _trainer(folder, max_steps=40, limit_val_batches=0, callbacks=[Record()]).fit(
+            module, datamodule=_data(mini_train_root, max_queries=4, batch_size=4))
+        return shares
+
+    up = curve(tmp_path / "up")
+    assert sum(up[-6:]) / 6 > sum(up[:6]) / 6 + 0.15, up
+    import search_r3.lightning_modules.rl as rl
+
+    direct = rl.direct_advantages
+    monkeypatch.setattr(rl, "direct_advantages", lambda *a, **k: -direct(*a, **k))
+    down = curve(tmp_path / "down")
+    assert sum(down[-6:]) / 6 < sum(down[:6]) / 6 - 0.15, down
 
 
 def test_training_sources_name_the_files_that_train_the_policy(mini_train_root: Path) -> None:
