@@ -45,6 +45,9 @@ RECIPES: list[tuple[str, list[str]]] = [
     ("fit", ["configs/rl.yaml", "configs/rl-claim.yaml"]),
     ("fit", ["configs/rl.yaml", "configs/rl-claim.yaml", "configs/ablations/rl-pure-grpo.yaml"]),
     ("fit", ["configs/rl.yaml", "configs/rl-claim.yaml", "configs/ablations/rl-min-reasoning.yaml"]),
+    ("fit", ["configs/rl.yaml", "configs/rl-claim.yaml", "configs/ablations/rl-default.yaml"]),
+    ("fit", ["configs/rl.yaml", "configs/rl-claim.yaml", "configs/ablations/rl-direct-baseline.yaml"]),
+    ("fit", ["configs/rl.yaml", "configs/rl-claim.yaml", "configs/ablations/rl-direct-baseline-drgrpo.yaml"]),
     ("fit", ["configs/paper/qwen2.5-1.5b-sft.yaml"]),
     ("fit", ["configs/paper/qwen2.5-1.5b-rl.yaml"]),
 ]
