@@ -41,6 +41,18 @@ def _trainer(tmp_path: Path, **kw) -> L.Trainer:
                      default_root_dir=str(tmp_path), num_sanity_val_steps=0, enable_checkpointing=False, **kw)
 
 
+def _assert_policy_loss_by_hand(expected: dict, adv: torch.Tensor, mask: torch.Tensor, informative: torch.Tensor) -> None:
+    """Per norm: the loss value and the gradient on the two informative rollouts' tokens (ratio 1, so the
+    gradient on a token is -A / its normaliser; the all-equal group's tokens get none)."""
+    for norm, (value, (g0, g1)) in expected.items():
+        logp = torch.randn(4, 3).masked_fill(~mask, 0.0).requires_grad_()
+        loss = grpo_policy_loss(logp, adv, mask, informative, norm, max_tokens=4)
+        loss.backward()
+        assert float(loss) == pytest.approx(value), norm
+        want = torch.tensor([[g0, g0, 0.0], [g1, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+        torch.testing.assert_close(logp.grad, want, msg=norm)
+
+
 def test_policy_loss_normalisations_by_hand() -> None:
     """Two groups of two: rewards [1, 0] (informative) and [0.5, 0.5] (all equal). Unscaled advantages
     [0.5, -0.5, 0, 0]; rollouts of 2, 1, 3 and 3 policy tokens; the ratio is 1, so the gradient on a
@@ -57,13 +69,7 @@ def test_policy_loss_normalisations_by_hand() -> None:
         "token": ((-1.0 + 0.5) / 3, [-0.5 / 3, 0.5 / 3]),                   # over the 3 tokens
         "constant": ((-1.0 / 4 + 0.5 / 4) / 2, [-0.5 / (4 * 2), 0.5 / (4 * 2)]),  # token sums / cap 4, mean
     }
-    for norm, (value, (g0, g1)) in expected.items():
-        logp = torch.randn(4, 3).masked_fill(~mask, 0.0).requires_grad_()
-        loss = grpo_policy_loss(logp, adv, mask, informative, norm, max_tokens=4)
-        loss.backward()
-        assert float(loss) == pytest.approx(value), norm
-        want = torch.tensor([[g0, g0, 0.0], [g1, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-        torch.testing.assert_close(logp.grad, want, msg=norm)
+    _assert_policy_loss_by_hand(expected, adv, mask, informative)
 
 
 def test_published_normalisations_by_hand() -> None:
@@ -78,13 +84,7 @@ def test_published_normalisations_by_hand() -> None:
         "dapo": ((-1.0 + 0.5) / 9, [-0.5 / 9, 0.5 / 9]),                     # Σ_i Σ_t / Σ_i |o_i|
         "dr_grpo": ((-1.0 + 0.5) / (4 * 4), [-0.5 / 16, 0.5 / 16]),          # Σ_i Σ_t / (R · L_max), L_max = 4
     }
-    for norm, (value, (g0, g1)) in expected.items():
-        logp = torch.randn(4, 3).masked_fill(~mask, 0.0).requires_grad_()
-        loss = grpo_policy_loss(logp, adv, mask, informative, norm, max_tokens=4)
-        loss.backward()
-        assert float(loss) == pytest.approx(value), norm
-        want = torch.tensor([[g0, g0, 0.0], [g1, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-        torch.testing.assert_close(logp.grad, want, msg=norm)
+    _assert_policy_loss_by_hand(expected, adv, mask, informative)
     # A per-token value (the KL) averaged the same way: every rollout and token counts.
     kl = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, 0.0], [1.0, 1.0, 4.0], [0.0, 0.0, 9.0]])
     rows = torch.ones(4, dtype=torch.bool)
