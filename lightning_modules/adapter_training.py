@@ -21,6 +21,7 @@ import torch
 from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, score_task
 from search_r3.evaluation.mlflow_runs import run_pointer
 from search_r3.model.embedding_lm import EmbeddingLM, Mode
+from search_r3.model.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def refuse_sharded_strategy(strategy: object) -> None:
     (``docs/scale-out.md``)."""
     name = type(strategy).__name__
     if "FSDP" in name or "DeepSpeed" in name:
-        raise ValueError(f"trainer.strategy {name}: search-r3 trains with DDP (`trainer.strategy: ddp`), not FSDP "
+        raise ConfigError(f"trainer.strategy {name}: search-r3 trains with DDP (`trainer.strategy: ddp`), not FSDP "
                          "or DeepSpeed: reasoning generation and GradCache run different numbers of forward calls "
                          "per rank, which hangs a sharded model (docs/scale-out.md)")
 

@@ -33,6 +33,10 @@ class AdapterError(UserError, ValueError):
     base model, or holds a corrupt weights file."""
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot run as given (a refused strategy, say); the message says what to set."""
+
+
 class RunSetupError(UserError, OSError):
     """An output folder or MLflow store that cannot be written: found before any compute starts."""
 
