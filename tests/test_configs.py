@@ -89,3 +89,30 @@ def test_a_misspelt_argument_is_rejected(tmp_path: Path, monkeypatch: pytest.Mon
     overlay.write_text("model:\n  init_args:\n    kl_wieght: 0.5\n")
     code, _ = _print_config("fit", ["configs/sft.yaml", str(overlay)], monkeypatch)
     assert code != 0
+
+
+def _values(node: object, key: str) -> list[str]:
+    """Every value of ``key`` anywhere in a parsed YAML document."""
+    if isinstance(node, dict):
+        return [str(v) for k, v in node.items() if k == key and v is not None] + \
+            [x for v in node.values() for x in _values(v, key)]
+    if isinstance(node, list):
+        return [x for v in node for x in _values(v, key)]
+    return []
+
+
+def adapters_without_a_source(files: list[Path]) -> list[str]:
+    """Adapters configs read that are neither in the repository nor written by a fit recipe here (its
+    ``adapter_dir``, under which fit writes ``best/`` and ``last/``)."""
+    docs = {f: yaml.safe_load(f.read_text()) for f in files}
+    written = {v.rstrip("/") for doc in docs.values() for v in _values(doc, "adapter_dir")}
+    return [f"{f.name}: {a}" for f, doc in docs.items() for a in _values(doc, "adapter")
+            if not (ROOT / a).exists() and not any(a.startswith(w + "/") for w in written)]
+
+
+def test_every_adapter_a_config_reads_is_committed_or_written_by_a_recipe(tmp_path: Path) -> None:
+    files = sorted((ROOT / "configs").rglob("*.yaml")) + [ROOT / "cli.yaml"]
+    assert adapters_without_a_source(files) == []
+    stray = tmp_path / "stray.yaml"  # the check itself: an adapter nothing here produces is caught
+    stray.write_text("model: {init_args: {encoder: {init_args: {adapter: runs/nowhere/adapter/best}}}}\n")
+    assert adapters_without_a_source([*files, stray]) != []
