@@ -70,7 +70,7 @@ from torchmetrics import MeanMetric
 
 from search_r3.environment import ExactIndex, HNSWIndex, RefreshPolicy, RetrievalEnvironment
 from search_r3.environment.rewards import RewardKind
-from search_r3.evaluation.distributed import sum_over_ranks, world_and_rank
+from search_r3.evaluation.distributed import gather_objects, sum_over_ranks, world_and_rank
 from search_r3.lightning_modules.adapter_training import AdapterTrainingModule
 from search_r3.lightning_modules.losses import (
     INFORMATIVE_ONLY,
@@ -453,14 +453,19 @@ class RLModule(AdapterTrainingModule):
         self.log("train/reward_step", step["reward"], batch_size=n, prog_bar=True)
         self.log_dict({f"train/{k}_step": v for k, v in step.items() if k != "reward"}, batch_size=n)
         self.epoch_means.add(self.current_epoch, step, weight=n * self.trainer.world_size)
+        # Every rank's rollouts (one gather a step): these statistics are not means a metric can sync.
+        parts = gather_objects((rewards.detach().float().cpu(), length.cpu(), r["capped"].float().cpu(),
+                                advantages.detach().float().abs().cpu()))
+        all_rewards, all_length, all_capped, all_advantage = (torch.cat(column) for column in zip(*parts))
         per_step = {
-            "train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()) if n > 1 else 0.0,
-            "train/reasoning_tokens_p10": float(length.quantile(0.1)),
-            "train/reasoning_tokens_p50": float(length.quantile(0.5)),
-            "train/reasoning_tokens_p90": float(length.quantile(0.9)),
+            "train/reward_mean": float(all_rewards.mean()),
+            "train/reward_std": float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0,
+            "train/reasoning_tokens_p10": float(all_length.quantile(0.1)),
+            "train/reasoning_tokens_p50": float(all_length.quantile(0.5)),
+            "train/reasoning_tokens_p90": float(all_length.quantile(0.9)),
             "train/policy_loss": float(terms["policy"]), "train/embed_loss": float(terms["embed"]),
-            "train/loss": float(total), "train/length_cap_rate": float(r["capped"].float().mean()),
-            "train/advantage_abs_mean": float(advantages.abs().mean()),
+            "train/loss": float(total), "train/length_cap_rate": float(all_capped.mean()),
+            "train/advantage_abs_mean": float(all_advantage.mean()),
         }
         per_step.update(stats.metrics("env/"))
         self.log_dict(per_step, batch_size=n)

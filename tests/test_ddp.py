@@ -141,7 +141,9 @@ class _SaveRL(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         m = trainer.callback_metrics
         self.steps.append({k: float(m[f"train/{k}"]) for k in ("loss", "policy_loss", "embed_loss", "reward_mean",
-                                                                 "grad_norm")}
+                                                                 "reward_std", "reasoning_tokens_p50",
+                                                                 "reasoning_tokens_p90", "length_cap_rate",
+                                                                 "advantage_abs_mean", "grad_norm")}
                           | {k: float(m[f"train/{k}_step"]) for k in ("kl", "reward", "reward_ge_0.5", "entropy",
                                                                        "reasoning_tokens", "format_failure_rate")})
 
@@ -196,7 +198,7 @@ def test_two_process_rl_shares_one_environment_and_is_the_one_process_run(tiny_l
         for key, value in a.items():
             if key == "grad_norm":  # AdamW hides a wrongly scaled gradient in the updates; the norm does not
                 assert b[key] == pytest.approx(value, rel=1e-5), (key, one["steps"], two[0]["steps"])
-            elif key != "reward_mean":  # per rank: the mean of its own rollouts; "reward" is synchronised
+            else:  # reward_mean too: the per-step statistics are over every rank's rollouts
                 assert b[key] == pytest.approx(value, abs=1e-5), (key, one["steps"], two[0]["steps"])
     diffs = [float((two[0]["weights"][n] - w).abs().max()) for n, w in one["weights"].items()]
     assert max(diffs) < 1e-5, max(diffs)
