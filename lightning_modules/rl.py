@@ -7,53 +7,19 @@ embedding at the token. The environment is refreshed selectively around those em
 
     loss = policy (GRPO) + β · KL(policy ‖ reference) + λ · InfoNCE(rollout embeddings)
 
-Our choices where the paper is silent (``docs/design.md``), with why:
-
-- **Reference = where Stage 2 starts.** The encoder loads the Stage-1 adapter *and* new ``lora``
-  settings: :class:`~search_r3.model.EmbeddingLM` merges Stage 1 (LoRA and token row) into the weights
-  and trains a fresh LoRA on top, so the adapter-disabled model is exactly the Stage-1 policy. At step
-  0 the KL is 0 and the embeddings are Stage 1's.
-- **Strictly on-policy, no dropout.** Each batch of rollouts is used for one update, so the importance
-  ratio is 1 and PPO's clip never acts (not configurable: a multi-epoch variant needs its own step and
-  schedule accounting, and nothing here needs it). RL runs the model without dropout (as TRL's
-  ``disable_dropout``): the policy that sampled, the one whose embedding is rewarded (and that test time
-  computes) and the one that is differentiated are the same deterministic function.
-- **Log-probs of the distribution sampled**: ``log_softmax(logits / T)`` over the whole vocabulary, for
-  the policy term, the KL and the entropy. ``top_k`` / ``top_p`` are off by default; turned on, they
-  truncate the sampler and the scored log-probs alike (renormalised; TRL scores the untruncated policy).
-- **Advantages**: ``(r − mean_group) / (std_group + 1e-6)`` (GRPO, DAPO); without the std for
-  ``dr_grpo`` (``scale_rewards`` overrides either way). A group whose rewards are all equal has advantage
-  0; its share is logged.
-- **Normalisation** (``loss_norm``), as published (TRL's ``loss_type``): ``grpo`` = mean over all
-  trajectories of their per-token mean, ``dapo`` = mean over all tokens of the batch, ``dr_grpo`` = token
-  sums over (trajectories × length cap). ``sequence`` / ``token`` / ``constant`` are the same averages over
-  the trajectories of informative groups only (this project's first reading; the policy term's weight
-  against the other terms then swings with the share of all-equal groups).
-- **KL placement** (``kl_placement``): ``per_token`` (default for the published norms) adds β·KL to each
-  policy token's loss before the normalisation, as TRL does; ``token_mean`` (default for the
-  informative-only variants) is a separate mean over all policy tokens.
-- **Policy tokens**: every sampled token of the response. A trajectory that ends its turn without the
-  embed token keeps the stop token it actually sampled in the policy mask (the action that failed), while
-  the text appended by the format fix-up (" The embedding is <|embed_token|>") was never sampled and gets
-  no gradient. A capped trajectory sampled no stop token.
-- **KL** (``kl_estimator``): by default the exact per-token KL over the vocabulary to the reference, on
-  every policy token (no variance); ``k3`` is GRPO's sample estimator, which needs only the reference's
-  log-prob of each sampled token. The reference runs once per rollout batch (one forward, no gradient).
-- **Memory**: logits are never materialised for all response tokens at once; they are projected from
-  the hidden states ``logit_chunk_rows`` positions at a time and checkpointed
-  (:func:`~search_r3.lightning_modules.losses.chunked_token_scores`), so long responses over a 152k
-  vocabulary (Qwen2.5) fit.
-- **Embedding term**: GRPO's gradient only reaches sampled tokens; the embedding is a hidden state,
-  so λ · InfoNCE of each rollout embedding against its environment candidates (top-L ∪ positives,
-  the documents' current vectors, no gradient through them) moves it directly; ``embed_advantage_weighted``
-  weights rows by their positive advantage. λ = 0 is pure GRPO.
-- **Format**: a trajectory without the token (end of turn or length cap), or whose analysis is shorter
-  than ``min_reasoning_tokens``, gets ``failure_reward``; or, with ``format_penalty`` set, the retrieval
-  reward of its embedding (for a missing token, the fixed-up one) minus the penalty. The penalty keeps
-  the retrieval signal for weak starting points: a Stage-1 model trained on direct-mode responses rarely
-  emits the token by itself, so with a constant failure reward every group is all-equal and nothing is
-  learned (our first CPU run: format-failure rate 1.0, reward 0 for 21 steps). ``min_reasoning_tokens``
-  is the guard against reasoning collapsing into "The embedding is" (direct mode under another prompt).
+Our choices where the paper is silent, each with its reason, are the rows of ``docs/design.md`` (GRPO
+policy loss, advantage baseline, analysis measures, format reward, KL, memory). In short: the reference
+is where Stage 2 starts (the Stage-1 adapter merged, a fresh LoRA on top, so KL is 0 at step 0);
+updates are strictly on-policy and without dropout; log-probs are those of the distribution sampled
+(temperature, and ``top_k``/``top_p`` truncation only when set); ``loss_norm`` averages as published
+(``grpo``, ``dapo``, ``dr_grpo``) or over informative groups only (``sequence``, ``token``,
+``constant``), with β·KL per token inside it (``kl_placement``); ``advantage_baseline: direct`` pays a
+rollout against its query's direct embedding; policy tokens are the sampled ones (a failed trajectory
+keeps the stop token it sampled, the appended fix-up gets no gradient); logits are projected in
+checkpointed chunks (:func:`~search_r3.lightning_modules.losses.chunked_token_scores`); λ · InfoNCE of
+each rollout embedding against its environment candidates moves the embedding directly (λ = 0: pure
+GRPO); a trajectory failing the format gets ``failure_reward`` or, with ``format_penalty``, its retrieval
+reward minus the penalty; ``min_reasoning_tokens`` guards against reasoning collapsing to the format.
 """
 
 from __future__ import annotations
