@@ -79,6 +79,22 @@ def check_checkpoint(path: str | None) -> None:
                             f"an earlier one or start again without --ckpt_path")
 
 
+def prepare_tracking_store(uri: str) -> None:
+    """Create a local SQLite MLflow store's tables under a file lock. MLflow migrates a new database on
+    first open without any lock of its own, so two runs started together against one fresh ``mlflow.db``
+    both try to migrate it and one dies with an alembic error; run serially here, the second finds the
+    tables made and opens instantly."""
+    local = tracking_path(uri)
+    if local is None or not uri.startswith("sqlite:"):
+        return
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(local) + ".lock"):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
 def preflight(config: dict[str, Any]) -> None:
     """All checks on one subcommand's resolved config (a plain dict)."""
     for key, value in _walk(config):
@@ -88,4 +104,5 @@ def preflight(config: dict[str, Any]) -> None:
             local = tracking_path(value)
             if local is not None:
                 _writable(local, "MLflow store")
+                prepare_tracking_store(value)
     check_checkpoint(config.get("ckpt_path"))
