@@ -77,7 +77,7 @@ def main() -> None:
         model = EmbeddingLM(base_model="smollm2-135m-instruct", dtype="float32", show_progress=False,
                             adapter=None if adapter == "none" else adapter, max_document_tokens=128)
         nll = response_nll(model, queries)
-        gen = model.generate_reasoning(queries, max_new_tokens=args.max_new_tokens)
+        gen = model.reasoner.generate(queries, max_new_tokens=args.max_new_tokens)
         responses, missing = gen.responses, gen.missing
         emb = model.encode(documents, "document")
         cos = emb @ emb.T

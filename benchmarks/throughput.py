@@ -23,7 +23,7 @@ prefill per copy (``rollout_speedup_shared_prefill``), and with the embed-token 
 generation against peft's per-call copy of the vocabulary matrix (``rollout_speedup_token_rows_merged``).
 
 Step profiles: a few optimizer steps of ``configs/sft.yaml`` and ``configs/rl.yaml`` (small caps) with
-every phase timed where it happens: generation (``generate_reasoning``), environment refresh
+every phase timed where it happens: generation (``Reasoner.generate``), environment refresh
 (``step_refresh``), backward (``manual_backward``), optimizer (clip, step, schedule), validation; the
 forward pass and the losses are the rest of the step. Times on a machine shared with other jobs are
 only indicative; the JSON records the machine and what else was running is the reader's to know.
@@ -177,7 +177,7 @@ def rollouts(quick: bool, reps: int) -> dict[str, Any]:
         new_tokens = 0
         for i, query in enumerate(queries):
             torch.manual_seed(i)
-            gen = model.generate_reasoning([query], copies=group, do_sample=True, temperature=1.0,
+            gen = model.reasoner.generate([query], copies=group, do_sample=True, temperature=1.0,
                                            share_prefill=shared)
             new_tokens += sum(len(r) for r in gen.responses)
         return new_tokens
@@ -235,7 +235,7 @@ class PhaseTimer(L.Callback):
         if not self._wrapped:  # after on_train_start: the RL environment exists by now
             self._wrap(pl_module, "manual_backward", "backward")
             self._wrap(pl_module, "optimizer_step_now", "optimizer")
-            self._wrap(pl_module.encoder, "generate_reasoning", "generation")
+            self._wrap(pl_module.encoder.reasoner, "generate", "generation")
             if getattr(pl_module, "env", None) is not None:
                 self._wrap(pl_module.env, "step_refresh", "environment_refresh")
             self._wrapped = True

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from search_r3.common.distributed import world_and_rank
 from search_r3.datamodules.beir_files import (
     DataFormatError,
     OnBadRow,
@@ -79,13 +79,6 @@ class RetrievalTask:
         }
         out.update({f"skipped {reason}": n for reason, n in self.report.skipped.items()})
         return out
-
-
-def world_and_rank() -> tuple[int, int]:
-    """(processes, this process's rank) of ``torch.distributed``, or (1, 0) outside it."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
 
 
 def collate_records(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:

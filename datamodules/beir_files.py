@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from search_r3.model.errors import UserError
+from search_r3.common.errors import UserError
 
 OnBadRow = Literal["error", "skip"]
 

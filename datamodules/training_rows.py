@@ -1,6 +1,6 @@
 """Contrastive training rows (query, positive, hard negatives) and the batch sampler that keeps them honest.
 
-Row format (``../shared/data/train/*_train_triples.jsonl.gz``, and what our miner writes)::
+Row format (prepared ``train/*_train_triples.jsonl.gz`` files, and what our miner writes)::
 
     {"dataset": "nfcorpus", "query_id": "PLAIN-1", "query": "...", "pos_id": "MED-10", "neg_ids": ["MED-…", …]}
 

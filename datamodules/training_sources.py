@@ -48,7 +48,7 @@ from search_r3.datamodules.sources import (
     resolve_beir,
 )
 from search_r3.datamodules.training_rows import TrainingRow, read_training_rows
-from search_r3.model.digests import hash_file
+from search_r3.common.digests import hash_file
 
 log = logging.getLogger(__name__)
 MINING_FORMAT = 1  # bump when the mined rows' recipe changes, so old cache entries are not reused

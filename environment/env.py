@@ -26,8 +26,8 @@ from torch import Tensor
 
 from search_r3.environment.index import ExactIndex, VectorIndex
 from search_r3.environment.rewards import RewardKind, dcg_reward
-from search_r3.evaluation.distributed import encode_sharded, union_over_ranks
-from search_r3.evaluation.search import exact_topk
+from search_r3.common.distributed import encode_sharded, union_over_ranks
+from search_r3.common.search import exact_topk
 
 Encoder = Callable[[list[str]], Tensor]  # texts -> unit-norm embeddings (direct mode, no grad)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from search_r3.evaluation.search import exact_topk
+from search_r3.common.search import exact_topk
 
 
 class VectorIndex(ABC):

@@ -18,7 +18,7 @@ from typing import Any
 
 from search_r3.evaluation.mlflow_runs import PARENT_TAG, rows_from_child_runs
 from search_r3.evaluation.report import ResultRow, markdown_table, print_table
-from search_r3.model.errors import report_user_errors
+from search_r3.common.errors import report_user_errors
 
 _LEGACY_KEY = re.compile(r"^test/(?P<task>[^/]+)/(?P<system>[^/]+)/(?P<measure>[^/]+)$")
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from search_r3.datamodules.beir import RetrievalTask
 from search_r3.evaluation.metrics import Run, build_run, evaluate_run
-from search_r3.evaluation.search import exact_topk
+from search_r3.common.search import exact_topk
 
 
 @dataclass

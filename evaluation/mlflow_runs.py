@@ -22,7 +22,7 @@ from typing import Any
 
 from search_r3.evaluation.report import ResultRow
 from search_r3.datamodules.bm25 import corpus_digest
-from search_r3.model.digests import file_digest
+from search_r3.common.digests import file_digest
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # MLflow 3 opens an experiment without this tag on its GenAI overview ("No data"); this value asks for

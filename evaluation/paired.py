@@ -1,6 +1,6 @@
 """``search-r3-paired``: is system A better than system B on the same queries, or is it noise?
 
-    search-r3-paired --qrels ../shared/data/beir/scifact/qrels/test.tsv \\
+    search-r3-paired --qrels ~/.cache/search_r3/data/beir/scifact/qrels/test.tsv \\
         runs/eval/<stamp>/run.scifact.smollm2-rl.reasoning.trec runs/eval/<stamp>/run.scifact.smollm2-rl.direct.trec
 
 Reads two TREC run files (the ones ``search-r3 test`` writes under ``runs/eval/``), scores each query
@@ -38,10 +38,11 @@ from pathlib import Path
 
 import ir_measures
 
-from search_r3.datamodules.beir_files import DataFormatError, ReadReport, read_qrels
+from search_r3.datamodules.beir_files import DataFormatError, ReadReport, find_file, read_qrels
+from search_r3.datamodules.sources import resolve_beir
 from search_r3.evaluation.metrics import Qrels, Run, per_query
 from search_r3.evaluation.run_files import RunProvenance, read_provenance
-from search_r3.model.errors import report_user_errors
+from search_r3.common.errors import report_user_errors
 
 
 @dataclass
@@ -188,8 +189,8 @@ def run_grid(args: argparse.Namespace) -> None:
     for dataset, name, run_a, run_b in pairs:
         provenance = read_provenance(run_a)
         split = provenance.split if provenance is not None else "test"
-        res = compare_run_files(args.data_root / "beir" / dataset / "qrels" / f"{split}.tsv", run_a, run_b,
-                                args.measure, args.force)
+        qrels = find_file(resolve_beir(f"beir/{dataset}", args.data_root, split) / "qrels", f"{split}.tsv")
+        res = compare_run_files(qrels, run_a, run_b, args.measure, args.force)
         target = args.out / f"{dataset}.{name}.json"
         target.write_text(json.dumps({**asdict(res), "run_a": str(run_a), "run_b": str(run_b)}, indent=2) + "\n")
         print(_markdown_line(f"{dataset}: {name} (`{target}`)", res))
@@ -212,7 +213,8 @@ def _main(argv: list[str] | None) -> None:
     grid.add_argument("--system", help="retriever name of A (e.g. smollm2-rl-claim)")
     grid.add_argument("--baseline", help="retriever name of B (e.g. smollm2-sft-claim)")
     grid.add_argument("--baseline-runs", type=Path, help="where B's run files are (default: RUNS)")
-    grid.add_argument("--data-root", type=Path, default=Path("../shared/data"), help="qrels: beir/<dataset>/qrels/")
+    grid.add_argument("--data-root", type=Path, help="where beir/<dataset>/qrels/ is (default: found like any "
+                      "named dataset: $SEARCH_R3_DATA, the offline mirrors, the cache, see docs/data.md)")
     grid.add_argument("--out", type=Path, default=Path("docs/paired"), help="where the JSON records go")
     args = parser.parse_args(argv)
     if args.grid is not None:

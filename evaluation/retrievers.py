@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from search_r3.datamodules.bm25 import BM25Index
 from search_r3.model.base_models import ModelNotAvailableError
-from search_r3.model.digests import folder_digest
+from search_r3.common.digests import folder_digest
 from search_r3.model.embedding_lm import EmbeddingLM, Mode
+from search_r3.model.reasoning import ReasoningRecord
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,10 @@ class DenseRetriever(Retriever):
     def encode_queries(self, texts: list[str], mode: str | None) -> Tensor:
         raise NotImplementedError
 
+    def encode_queries_with_records(self, texts: list[str], mode: str | None) -> tuple[Tensor, list[ReasoningRecord]]:
+        """Query embeddings and, in reasoning mode, what the model wrote for each query (none elsewhere)."""
+        return self.encode_queries(texts, mode), []
+
 
 class EmbeddingLMRetriever(DenseRetriever):
     """The search-r3 wrapper; documents in direct mode, queries in each of ``modes``."""
@@ -99,6 +104,11 @@ class EmbeddingLMRetriever(DenseRetriever):
 
     def encode_queries(self, texts: list[str], mode: str | None) -> Tensor:
         return self.encoder.encode_queries(texts, mode=mode or "direct")
+
+    def encode_queries_with_records(self, texts: list[str], mode: str | None) -> tuple[Tensor, list[ReasoningRecord]]:
+        if mode == "reasoning":
+            return self.encoder.reasoner.encode(texts)
+        return self.encode_queries(texts, mode), []
 
 
 class SentenceTransformerRetriever(DenseRetriever):

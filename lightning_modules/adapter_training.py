@@ -21,7 +21,7 @@ import torch
 from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, score_task
 from search_r3.evaluation.mlflow_runs import run_pointer
 from search_r3.model.embedding_lm import EmbeddingLM, Mode
-from search_r3.model.errors import ConfigError
+from search_r3.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""Every training loss of search-r3, in one module (Stage 1 uses all of them; Stage 2 reuses InfoNCE and KL).
+"""Every training loss of search-r3, in one module: Stage 1's LM, KL, InfoNCE and triplet terms (with
+GradCache for big batches), and Stage 2's GRPO policy term, its advantages (group or direct baseline) and
+normalisers, which reuse the token scores, the KL and a multi-positive InfoNCE.
 
 Conventions: embeddings are unit-norm, so cosine = dot product; temperature ``tau`` divides the
 cosine (``tau = 0.05`` is sentence-transformers' ``scale = 20``). Token-level terms take a boolean
@@ -363,34 +365,6 @@ def cached_embedding_loss(
             emb, chunk_loss = embed_with_loss(chunk)
             backward((emb * grad).sum() + chunk_loss)
     return loss.detach(), cached.detach()
-
-
-def cached_info_nce(
-    embed: Callable[[object], Tensor],
-    query_chunks: Sequence[object],
-    document_chunks: Sequence[object],
-    positive_index: Tensor,
-    tau: float = 0.05,
-    backward: Callable[[Tensor], None] = Tensor.backward,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`info_nce_loss` through :func:`cached_embedding_loss`; returns (loss, queries, documents)."""
-    n_q = sum(_rows_of(c) for c in query_chunks)
-
-    def loss_fn(reps: Tensor) -> Tensor:
-        return info_nce_loss(reps[:n_q], reps[n_q:], positive_index, tau)
-
-    loss, reps = cached_embedding_loss(embed, list(query_chunks) + list(document_chunks), loss_fn, backward)
-    return loss, reps[:n_q], reps[n_q:]
-
-
-def _rows_of(chunk: object) -> int:
-    if isinstance(chunk, Tensor):
-        return chunk.shape[0]
-    if isinstance(chunk, (tuple, list)):
-        return chunk[0].shape[0]
-    if isinstance(chunk, dict):
-        return next(v for v in chunk.values() if isinstance(v, Tensor)).shape[0]
-    raise TypeError(f"cannot count rows of a {type(chunk).__name__} chunk")
 
 
 def _device_of(chunk: object) -> torch.device:

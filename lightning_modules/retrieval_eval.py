@@ -30,7 +30,7 @@ from torch import nn
 
 from search_r3.datamodules.beir import RetrievalTask
 from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, score_run, score_task
-from search_r3.evaluation.distributed import gather_objects
+from search_r3.common.distributed import gather_objects
 from search_r3.evaluation.metrics import DEFAULT_MEASURES
 from search_r3.evaluation.mlflow_runs import log_dataset_inputs, log_row_runs, run_pointer, task_ref
 from search_r3.evaluation.report import (
@@ -45,15 +45,10 @@ from search_r3.datamodules.bm25 import corpus_digest
 from search_r3.evaluation.retrievers import DenseRetriever, Retriever
 from search_r3.evaluation.run_files import RunProvenance, meta_path, write_trec_run
 from search_r3.model.analysis_measures import analysis_rates
-from search_r3.model.embedding_lm import ReasoningRecord
-from search_r3.model.progress import ProgressLine
+from search_r3.model.reasoning import ReasoningRecord
+from search_r3.common.progress import EvaluationProgress
 
 log = logging.getLogger(__name__)
-
-
-def _reasoning_log(retriever: Retriever) -> list[ReasoningRecord]:
-    """Every reasoning-mode query the retriever's model encoded (empty for other retrievers)."""
-    return getattr(getattr(retriever, "encoder", None), "reasoning_log", [])
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -74,43 +69,6 @@ def device_label(device: torch.device) -> str:
 def metric_key(stage: str, task: str, system: str, measure: str) -> str:
     """``test/scifact/bm25/nDCG_at_10``: MLflow rejects '@' in metric names."""
     return f"{stage}/{task}/{system}/{measure.replace('@', '_at_')}"
-
-
-class ProgressLog(L.Callback):
-    """In a log file (not a terminal) Lightning's bar is a line of carriage returns: log one plain line
-    about every 30 s instead, with the batches done, the total and an ETA."""
-
-    def __init__(self) -> None:
-        self.line: ProgressLine | None = None
-        self.done = 0
-        self.skipped = 0  # batches a resumed run already had (left out of the ETA)
-
-    def _start(self, trainer: L.Trainer, totals: Any) -> None:
-        total = sum(t for t in (totals if isinstance(totals, list) else [totals]) if t != float("inf"))
-        self.line = None if sys.stderr.isatty() else ProgressLine("evaluate", int(total) or None)
-        self.done = self.skipped = 0
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(trainer, trainer.num_test_batches)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(trainer, trainer.num_val_batches)
-
-    def _step(self, skipped: bool = False) -> None:
-        self.done += 1
-        self.skipped += skipped
-        if self.line is not None:
-            if skipped:
-                self.line.skip()
-            self.line.update(self.done)
-
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any,
-                          **kwargs: Any) -> None:
-        # test_step says how many texts it encoded: 0 for a batch a resumed run already has
-        self._step(skipped=isinstance(outputs, dict) and outputs.get("encoded") == 0)
-
-    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        self._step()
 
 
 class RetrievalEvalModule(L.LightningModule):
@@ -214,9 +172,8 @@ class RetrievalEvalModule(L.LightningModule):
             else:
                 for mode in retriever.modes:
                     start = time.perf_counter()
-                    before = len(_reasoning_log(retriever))
-                    self.store.add((i, task, "query", mode), batch["index"], retriever.encode_queries(texts, mode))
-                    new = _reasoning_log(retriever)[before:]
+                    embeddings, new = retriever.encode_queries_with_records(texts, mode)
+                    self.store.add((i, task, "query", mode), batch["index"], embeddings)
                     if new:
                         self._reasoning[(i, task, mode)].update(zip((int(x) for x in batch["index"]), new))
                     self._seconds[(i, task, mode)] += time.perf_counter() - start
@@ -322,7 +279,7 @@ class RetrievalEvalModule(L.LightningModule):
         return collect_rows(self.store, key, expected, what, self.trainer.world_size, self.all_gather, self.device)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [ProgressLog()]
+        return [EvaluationProgress()]
 
     # ------------------------------------------------------------------ outputs
     def _row(self, retriever: Retriever, mode: str | None, task: RetrievalTask, metrics: dict[str, float],

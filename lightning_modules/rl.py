@@ -36,7 +36,7 @@ from torchmetrics import MeanMetric
 
 from search_r3.environment import ExactIndex, HNSWIndex, RefreshPolicy, RetrievalEnvironment
 from search_r3.environment.rewards import RewardKind
-from search_r3.evaluation.distributed import gather_objects, sum_over_ranks, world_and_rank
+from search_r3.common.distributed import gather_objects, sum_over_ranks, world_and_rank
 from search_r3.lightning_modules.adapter_training import AdapterTrainingModule
 from search_r3.lightning_modules.losses import (
     INFORMATIVE_ONLY,
@@ -54,7 +54,9 @@ from search_r3.lightning_modules.losses import (
     policy_rows,
     reference_token_logp,
 )
-from search_r3.model.embedding_lm import EmbeddingLM, Generated
+from search_r3.model.embedding_lm import EmbeddingLM
+from search_r3.model.reasoning import Generated
+from search_r3.lightning_modules.rollout import Rollout, lay_out
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +229,7 @@ class RLModule(AdapterTrainingModule):
             self.epoch_means.load_state_dict(checkpoint["epoch_means"])
 
     # ------------------------------------------------------------------ rollouts
-    def rollout(self, queries: list[str], query_ids: list[str] | None = None) -> dict[str, Any]:
+    def rollout(self, queries: list[str], query_ids: list[str] | None = None) -> Rollout:
         """Sample G trajectories per query and lay them out for one training forward pass.
 
         Each query's group is sampled from its own random stream, seeded by (``seed``, step, query id):
@@ -243,53 +245,33 @@ class RLModule(AdapterTrainingModule):
         for qid, query in zip(ids_of, queries):
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(_stream_seed(self.seed, self.global_step, str(qid)))
-                parts.append(self.encoder.generate_reasoning([query], copies=self.group_size,
-                                                             max_new_tokens=self.max_new_tokens, do_sample=True,
-                                                             temperature=self.temperature, top_p=self.top_p,
-                                                             top_k=self.top_k))
-        gen = Generated(*(sum((getattr(p, f) for p in parts), []) for f in
-                          ("prompts", "responses", "missing", "stop_tokens", "analysis_tokens", "measures")))
-        close = len(self.encoder.reasoning_close_ids)
-        ids, mask = self.encoder.pad([p + r for p, r in zip(gen.prompts, gen.responses)])
-        policy = torch.zeros_like(mask, dtype=torch.bool)
-        targets = ids.clone()
-        for i, (p, r, miss, stop) in enumerate(zip(gen.prompts, gen.responses, gen.missing, gen.stop_tokens)):
-            end = len(p) + len(r) - (close if miss else 0)  # end of what was sampled before any fix-up
-            policy[i, len(p): end] = True
-            if stop is not None:  # the turn ended here: the sampled stop token is the action to score
-                policy[i, end] = True
-                targets[i, end] = stop
-        analysis_len = torch.tensor(gen.analysis_tokens)  # without the closing words (EmbeddingLM.analysis_length)
-        missing = torch.tensor(gen.missing)
-        return {"texts": texts, "input_ids": ids, "attention_mask": mask, "policy": policy, "targets": targets,
-                "missing": missing, "capped": missing & torch.tensor([s is None for s in gen.stop_tokens]),
-                "analysis_tokens": analysis_len, "responses": gen.responses,
-                "copies_query": torch.tensor([m.copies_query for m in gen.measures]),
-                "begins_with_closing": torch.tensor([m.begins_with_closing for m in gen.measures]),
-                "format_failed": missing | (analysis_len < self.min_reasoning_tokens)}
+                parts.append(self.encoder.reasoner.generate([query], copies=self.group_size,
+                                                            max_new_tokens=self.max_new_tokens, do_sample=True,
+                                                            temperature=self.temperature, top_p=self.top_p,
+                                                            top_k=self.top_k))
+        return lay_out(Generated.concat(parts), texts, self.encoder, self.min_reasoning_tokens)
 
-    def _forward(self, r: dict[str, Any]) -> tuple[Tensor, Tensor, TokenScores]:
+    def _forward(self, r: Rollout) -> tuple[Tensor, Tensor, TokenScores]:
         """Embeddings [R, d], per-token log-probs [R, T] of the policy tokens at the sampling temperature
         (0 elsewhere), and the per-token scores of those n tokens (log-prob, KL to the reference when
         ``kl_weight`` is on, entropy), projected to the vocabulary in chunks."""
-        targets = r["targets"][r["policy"]]
-        head = self.encoder.lm.get_output_embeddings()
+        targets = r.targets[r.policy]
+        head, policy_ref = self.encoder.output_head, self.encoder.reference
         reference, reference_head = None, None
         if self.kl_weight:  # the reference: once per rollout batch, no gradient, no dropout
-            with torch.no_grad(), self.encoder.eval_mode(), self.encoder.lm.disable_adapter():
-                _, ref_hidden = self.encoder.embed_and_response_hidden(r["input_ids"], r["attention_mask"],
-                                                                       r["policy"])
-                if self.kl_estimator == "k3":
-                    reference = reference_token_logp(ref_hidden, head, targets, self.temperature,
+            ref_hidden = policy_ref.response_hidden(r.input_ids, r.attention_mask, r.policy)
+            if self.kl_estimator == "k3":
+                with torch.no_grad():
+                    reference = reference_token_logp(ref_hidden, policy_ref.logits, targets, self.temperature,
                                                      self.logit_chunk_rows)
-            if self.kl_estimator == "exact":
-                reference, reference_head = ref_hidden, self.encoder.reference_logits
+            else:
+                reference, reference_head = ref_hidden, policy_ref.logits
         with self.encoder.eval_mode():  # no dropout: see the module docstring
-            emb, hidden = self.encoder.embed_and_response_hidden(r["input_ids"], r["attention_mask"], r["policy"])
+            emb, hidden = self.encoder.embed_and_response_hidden(r.input_ids, r.attention_mask, r.policy)
             tokens = chunked_token_scores(hidden, head, targets, self.temperature, reference, reference_head,
                                           self.kl_estimator, self.logit_chunk_rows, self.top_k, self.top_p)
-        logp = torch.zeros(r["policy"].shape, dtype=tokens.logp.dtype, device=tokens.logp.device)
-        logp = logp.masked_scatter(r["policy"], tokens.logp)
+        logp = torch.zeros(r.policy.shape, dtype=tokens.logp.dtype, device=tokens.logp.device)
+        logp = logp.masked_scatter(r.policy, tokens.logp)
         return emb, logp, tokens
 
 
@@ -312,9 +294,9 @@ class RLModule(AdapterTrainingModule):
             if direct is None:
                 advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
             else:
-                r["direct_rewards"] = self.direct_rewards(direct, query_positives).to(self.device)
-                advantages = direct_advantages(rewards, r["direct_rewards"], self.group_size)
-            terms = self.losses(r, emb, logp, tokens, advantages, positives, rewards)
+                r.direct_rewards = self.direct_rewards(direct, query_positives).to(self.device)
+                advantages = direct_advantages(rewards, r.direct_rewards, self.group_size)
+            terms = self.losses(r.policy, emb, logp, tokens, advantages, positives, rewards)
             total = terms["policy"] + self.kl_weight * terms["kl"] + self.embed_weight * terms["embed"]
             self.optimizers().zero_grad()
             # Each term is this rank's share of the global mean (normalised by counts summed over ranks);
@@ -326,27 +308,28 @@ class RLModule(AdapterTrainingModule):
         total = terms["policy"] + self.kl_weight * terms["kl"] + self.embed_weight * terms["embed"]
         self._log_step(r, rewards, advantages, terms, total, stats, tokens.entropy)
         self.last_rollouts = [(t, self.encoder.tokenizer.decode(resp), float(rw))
-                              for t, resp, rw in zip(r["texts"], r["responses"], rewards)]
+                              for t, resp, rw in zip(r.texts, r.responses, rewards)]
         if self.samples_every and self.global_step % self.samples_every == 0:
             self._log_samples()
         if self.probe_every and (self.global_step % self.probe_every == 0):
             self._probe()
         return total.detach()
 
-    def losses(self, r: dict[str, Any], emb: Tensor, logp: Tensor, tokens: TokenScores, advantages: Tensor,
+    def losses(self, policy: Tensor, emb: Tensor, logp: Tensor, tokens: TokenScores, advantages: Tensor,
                positives: list[list[int]], rewards: Tensor) -> dict[str, Tensor]:
-        """The three terms, unweighted (``policy``, ``kl``, ``embed``)."""
+        """The three terms, unweighted (``policy``, ``kl``, ``embed``); ``policy`` is the rollouts' policy-token
+        mask (:attr:`Rollout.policy`)."""
         # a group whose rewards are all equal still carries signal against a direct baseline
         informative = informative_groups(rewards, self.group_size) | (advantages != 0)
         reduce = lambda count: sum_over_ranks(count, self.device)  # noqa: E731  (identity on one process)
-        terms = {"policy": grpo_policy_loss(logp, advantages, r["policy"], informative, self.loss_norm, self.cap,
+        terms = {"policy": grpo_policy_loss(logp, advantages, policy, informative, self.loss_norm, self.cap,
                                             reduce=reduce)}
         if not self.kl_weight:
             terms["kl"] = logp.new_zeros(())
         elif self.kl_placement == "per_token":  # β·KL per token, inside the policy term's normalisation
-            kl = torch.zeros(r["policy"].shape, dtype=tokens.kl.dtype, device=tokens.kl.device)
-            kl = kl.masked_scatter(r["policy"], tokens.kl)
-            terms["kl"] = aggregate_tokens(kl, r["policy"], policy_rows(r["policy"], informative, self.loss_norm),
+            kl = torch.zeros(policy.shape, dtype=tokens.kl.dtype, device=tokens.kl.device)
+            kl = kl.masked_scatter(policy, tokens.kl)
+            terms["kl"] = aggregate_tokens(kl, policy, policy_rows(policy, informative, self.loss_norm),
                                            self.loss_norm, self.cap, reduce)
         else:
             terms["kl"] = masked_token_mean(tokens.kl, reduce)
@@ -372,41 +355,41 @@ class RLModule(AdapterTrainingModule):
         assert self.env is not None, "the environment is built in on_train_start"
         return self.env.reward(direct, positives, k=self.reward_k, kind=self.reward_kind)
 
-    def rollout_rewards(self, r: dict[str, Any], emb: Tensor, positives: list[list[int]]) -> Tensor:
+    def rollout_rewards(self, r: Rollout, emb: Tensor, positives: list[list[int]]) -> Tensor:
         """Per trajectory: retrieval reward in the environment, with the format rule for failed ones."""
         assert self.env is not None, "the environment is built in on_train_start"
-        failed = r["format_failed"].cpu().bool()
+        failed = r.format_failed.cpu().bool()
         if self.format_penalty is None:
             return self.env.reward(emb, positives, k=self.reward_k, kind=self.reward_kind, valid=~failed,
                                    failure_reward=self.failure_reward)
         return self.env.reward(emb, positives, k=self.reward_k, kind=self.reward_kind) - self.format_penalty * failed.float()
 
     # ------------------------------------------------------------------ telemetry
-    def _log_step(self, r: dict[str, Any], rewards: Tensor, advantages: Tensor, terms: dict[str, Tensor],
+    def _log_step(self, r: Rollout, rewards: Tensor, advantages: Tensor, terms: dict[str, Tensor],
                   total: Tensor, stats: Any, entropy: Tensor) -> None:
         """Per step and, averaged, per epoch: what the paper reports of RL (the share of rewards >= 0.5)
         and what shows a run going wrong (format failures, reasoning length and collapse to no analysis,
         all-equal groups, KL, entropy)."""
         n = rewards.numel()
-        length = r["analysis_tokens"].float()
+        length = r.analysis_tokens.float()
         # torchmetrics means: under DDP each step's value and each epoch's are over every rank's rollouts
         # (synchronised), not rank 0's alone.
         values = {
             "reward": rewards.float(),
             "reward_ge_0.5": (rewards >= 0.5).float(),
-            "format_failure_rate": r["format_failed"].float(),
-            "missing_token_rate": r["missing"].float(),
+            "format_failure_rate": r.format_failed.float(),
+            "missing_token_rate": r.missing.float(),
             "zero_variance_groups": 1.0 - informative_groups(rewards, self.group_size)[:: self.group_size].float(),
             "entropy": entropy,
             "reasoning_tokens": length,
             "empty_reasoning_rate": (length == 0).float(),
             # what the analyses are (search_r3.model.analysis_measures): copies of the query, template openers
-            "copies_query_rate": r["copies_query"].float(),
-            "begins_with_closing_rate": r["begins_with_closing"].float(),
-            "capped_rate": r["capped"].float(),
+            "copies_query_rate": r.copies_query.float(),
+            "begins_with_closing_rate": r.begins_with_closing.float(),
+            "capped_rate": r.capped.float(),
         }
-        if "direct_rewards" in r:  # does writing an analysis beat writing none, and by how much
-            direct = r["direct_rewards"].repeat_interleave(self.group_size).to(rewards.device)
+        if r.direct_rewards is not None:  # does writing an analysis beat writing none, and by how much
+            direct = r.direct_rewards.repeat_interleave(self.group_size).to(rewards.device)
             values["beats_direct_rate"] = (rewards > direct).float()
             values["margin_over_direct"] = (rewards - direct).float()
         step: dict[str, float] = {}
@@ -420,7 +403,7 @@ class RLModule(AdapterTrainingModule):
         self.log_dict({f"train/{k}_step": v for k, v in step.items() if k != "reward"}, batch_size=n)
         self.epoch_means.add(self.current_epoch, step, weight=n * self.trainer.world_size)
         # Every rank's rollouts (one gather a step): these statistics are not means a metric can sync.
-        parts = gather_objects((rewards.detach().float().cpu(), length.cpu(), r["capped"].float().cpu(),
+        parts = gather_objects((rewards.detach().float().cpu(), length.cpu(), r.capped.float().cpu(),
                                 advantages.detach().float().abs().cpu()))
         all_rewards, all_length, all_capped, all_advantage = (torch.cat(column) for column in zip(*parts))
         per_step = {
@@ -463,7 +446,7 @@ class RLModule(AdapterTrainingModule):
         dm = self.trainer.datamodule
         queries = [q for task in dm.validation.tasks for q in task.queries.values()][: self.sample_texts]
         if queries:
-            out = self.encoder.reason(queries)
+            out = self.encoder.reasoner.reason(queries)
             self._write_table({"step": [self.global_step] * len(queries), "query": queries, "analysis": out.texts,
                                "analysis_tokens": out.analysis_tokens.tolist(),
                                "embed_token_appended": out.missing_embed_token.tolist()},

@@ -6,7 +6,7 @@ logged on its own):
 - LM: next-token cross-entropy on the assistant response of queries and documents
   ("The embedding is <|embed_token|>", ending at the token: see ``EmbeddingLM.direct_training_ids``)
   — the model must learn to write the token;
-- KL(policy ‖ reference) per response token but the embed token (``EmbeddingLM.kl_targets``); the
+- KL(policy ‖ reference) per response token but the embed token (``ReferencePolicy.kl_mask``); the
   reference is the same model with the LoRA adapter disabled, so no second copy sits in memory;
 - InfoNCE over cosine/τ: every query against all positives and hard negatives of the global batch (all
   ranks: cross-device negatives), minus the batch documents its qrels call relevant
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from search_r3.datamodules.contrastive import known_positive_mask
 from search_r3.lightning_modules.adapter_training import AdapterTrainingModule
-from search_r3.evaluation.distributed import gather_objects, gather_with_grad, sum_over_ranks
+from search_r3.common.distributed import gather_objects, gather_with_grad, sum_over_ranks
 from search_r3.lightning_modules.losses import (
     cached_embedding_loss,
     chunked_token_scores,
@@ -84,22 +84,21 @@ class SFTContrastiveModule(AdapterTrainingModule):
         emb, hidden = self.encoder.embed_and_response_hidden(side["input_ids"], side["attention_mask"],
                                                              side["response_mask"])
         targets = side["input_ids"][side["response_mask"]]
+        policy_ref = self.encoder.reference
         reference = None
         if self.weights["kl"]:
-            with torch.no_grad(), self.encoder.lm.disable_adapter():
-                _, reference = self.encoder.embed_and_response_hidden(side["input_ids"], side["attention_mask"],
-                                                                      side["response_mask"])
-        tokens = chunked_token_scores(hidden, self.encoder.lm.get_output_embeddings(), targets, 1.0, reference,
-                                      self.encoder.reference_logits, "exact", self.logit_chunk_rows)
+            reference = policy_ref.response_hidden(side["input_ids"], side["attention_mask"], side["response_mask"])
+        tokens = chunked_token_scores(hidden, self.encoder.output_head, targets, 1.0, reference,
+                                      policy_ref.logits, "exact", self.logit_chunk_rows)
         lm = masked_token_mean(-tokens.logp)
-        kl = masked_token_mean(tokens.kl[self.encoder.kl_targets(targets)]) if reference is not None else lm.new_zeros(())
+        kl = masked_token_mean(tokens.kl[policy_ref.kl_mask(targets)]) if reference is not None else lm.new_zeros(())
         return emb, lm, kl, int(targets.shape[0])
 
     def _global_embedding_losses(self, q: Tensor, d: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
         """InfoNCE and triplet over the *global* batch: every rank's queries against every rank's documents.
 
         Each rank gathers all embeddings (its own rows keep their gradient, see
-        :func:`~search_r3.evaluation.distributed.gather_with_grad`), places each query's positive and
+        :func:`~search_r3.common.distributed.gather_with_grad`), places each query's positive and
         negatives by its rank's offset in the gathered documents, and builds the known-positive mask over
         the global batch from the gathered ids. With one process this is the local batch."""
         k = batch["num_negatives"]

@@ -18,8 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from search_r3.model.digests import file_digest
-from search_r3.model.errors import UserError
+from search_r3.common.digests import file_digest
+from search_r3.common.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,11 @@
 """``EmbeddingLM``: a causal LM whose hidden state at ``<|embed_token|>`` is the retrieval embedding.
 
 This is the single model wrapper of search-r3. Evaluation, Stage 1 (SFT-contrastive) and Stage 2 (RL)
-all go through it, so prompts, truncation, the readout position and normalisation are defined once.
+all go through it, so prompts, truncation, the readout position and normalisation are defined once. It
+loads (base model, embed token, adapter chain: :mod:`search_r3.model.adapter_files`), tokenises, reads the
+embedding out, encodes corpora and saves; reasoning mode is ``model.reasoner``
+(:mod:`search_r3.model.reasoning`) and the frozen KL reference ``model.reference``
+(:mod:`search_r3.model.reference_policy`).
 
 Readout: the final-layer hidden state (after the final norm) at the position where the embed token is
 the *input*, so it attends to the whole prompt and to itself; L2-normalised, returned in fp32.
@@ -13,33 +17,29 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch import Tensor, nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from search_r3.model.adapter_files import (BASE_ADAPTER_DIR, META_FILE, TOKEN_ROW_FILE, add_embed_token_row,
+                                           copy_folder, load_adapter_chain, read_meta, token_row_modules)
 from search_r3.model.base_models import ModelNotAvailableError, resolve_model_dir, weights_identity
-from search_r3.model.digests import folder_digest
-from search_r3.model.errors import AdapterError
-from search_r3.model.progress import progress
-from search_r3.model.analysis_measures import AnalysisMeasures, measure_analysis, strip_closing_tail, strip_templates
+from search_r3.common.digests import folder_digest
+from search_r3.common.progress import progress
 from search_r3.model.prompts import PromptTemplates, Side
+from search_r3.model.reasoning import Reasoner
+from search_r3.model.reference_policy import ReferencePolicy
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["direct", "reasoning"]
-META_FILE = "search_r3.json"
-TOKEN_ROW_FILE = "embed_token_row.pt"
-BASE_ADAPTER_DIR = "base_adapter"
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 DType = Literal["auto", "bfloat16", "float32", "float16"]
 
@@ -61,56 +61,13 @@ def resolve_dtype(dtype: DType) -> torch.dtype:
 
 @dataclass
 class LoraSettings:
-    """LoRA hyper-parameters (peft). Defaults from ``../shared/notes/paper.md`` §10 item 14."""
+    """LoRA hyper-parameters (peft). The defaults (rank 16, alpha 32, dropout 0.05 on the attention
+    projections) are common LoRA settings: the paper does not report its own."""
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-@dataclass
-class Generated:
-    """Sampled reasoning, per row: the prompt ids, the response ids (ending with the embed token, appended
-    by the format fix-up where ``missing``), and the stop token the model sampled where it ended its turn
-    without the embed token (``None`` where it emitted the token or hit the length cap)."""
-
-    prompts: list[list[int]]
-    responses: list[list[int]]
-    missing: list[bool]
-    stop_tokens: list[int | None]
-    analysis_tokens: list[int]
-    measures: list[AnalysisMeasures]  # what each analysis is (see search_r3.model.analysis_measures)
-
-
-@dataclass(frozen=True)
-class ReasoningRecord:
-    """One reasoning-mode query as encoded: what the model wrote before its embedding. Kept for every
-    query so a result can say how much reasoning there was and show it (MLflow tables)."""
-
-    query: str
-    analysis: str
-    tokens: int  # analysis tokens, without any template phrase (0: nothing but "The embedding is" and the token)
-    appended: bool  # the model never wrote the embed token within the budget; it was appended
-    measures: AnalysisMeasures | None = None
-
-
-@dataclass
-class ReasoningOutput:
-    """What reasoning mode produced for a batch of queries.
-
-    ``input_ids``/``attention_mask`` hold the full right-padded sequences (prompt + analysis + embed
-    token) that the embeddings were read from, and ``prompt_lengths`` where each response starts, so
-    that a policy-gradient step can score exactly these tokens.
-    """
-
-    embeddings: Tensor  # [B, d] fp32, unit norm
-    texts: list[str]  # the generated analysis, without the closing sentence ("The embedding is ...")
-    missing_embed_token: Tensor  # [B] bool: the model never emitted the token; it was appended
-    analysis_tokens: Tensor  # [B] generated tokens before the closing sentence (0: no analysis at all)
-    input_ids: Tensor
-    attention_mask: Tensor
-    prompt_lengths: Tensor  # [B]
 
 
 class EmbeddingLM(nn.Module):
@@ -165,7 +122,7 @@ class EmbeddingLM(nn.Module):
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.adapter_path = adapter
-        meta = _read_meta(adapter) if adapter else None  # a bad adapter folder fails before any weights load
+        meta = read_meta(adapter) if adapter else None  # a bad adapter folder fails before any weights load
         # Digest of the folder as loaded: result rows carry it, so two adapters saved at one path
         # (a retrained Stage 1) never read as the same checkpoint.
         self.adapter_digest: str | None = folder_digest(adapter) if adapter else None
@@ -184,15 +141,14 @@ class EmbeddingLM(nn.Module):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.embed_token_id: int = self.tokenizer.convert_tokens_to_ids(token)
-        self._close_ids: list[int] | None = None  # reasoning_close_ids, tokenised on first use
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
         if not had_token or self.embed_token_id >= lm.get_input_embeddings().weight.shape[0]:
-            _add_embed_token_row(lm, self.embed_token_id)
+            add_embed_token_row(lm, self.embed_token_id)
         if adapter is not None:
             # With `lora` as well, the adapter is where training *starts*: it is merged into the base
             # weights and a fresh LoRA trains on top, so `disable_adapter()` gives exactly the loaded
             # model (Stage 2's KL reference is the Stage-1 policy, not the pre-Stage-1 base).
-            lm = _load_adapter_chain(lm, Path(adapter), base_model, self.prompts, self.embed_token_id,
+            lm = load_adapter_chain(lm, Path(adapter), base_model, self.prompts, self.embed_token_id,
                                      merge_top=lora is not None or merge_adapter)
         if lora is not None:
             from peft import LoraConfig, get_peft_model
@@ -204,7 +160,7 @@ class EmbeddingLM(nn.Module):
                     lora_alpha=lora.alpha,
                     lora_dropout=lora.dropout,
                     target_modules=list(lora.target_modules),
-                    trainable_token_indices=_token_row_modules(lm, self.embed_token_id),
+                    trainable_token_indices=token_row_modules(lm, self.embed_token_id),
                     task_type="CAUSAL_LM",
                 ),
             )
@@ -215,9 +171,9 @@ class EmbeddingLM(nn.Module):
         self.stacked_on: Path | None = Path(adapter) if adapter is not None and lora is not None else None
         self.lm = lm
         self.lora = lora if lora is not None else (LoraSettings(**meta["lora"]) if meta and meta.get("lora") else None)
-        self.missing_embed_token_count = 0  # reasoning samples whose token had to be appended
-        self.reasoning_log: list[ReasoningRecord] = []  # every reasoning-mode query encoded, in order
         self._prompt_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        self.reasoner = Reasoner(self)  # reasoning mode: generation, the format fix-up, analysis measures
+        self.reference = ReferencePolicy(self)  # the frozen policy the training stages take their KL against
 
     # ------------------------------------------------------------------ properties
     @property
@@ -400,21 +356,10 @@ class EmbeddingLM(nn.Module):
         predicting[:, :-1] = response_mask[:, 1:].bool()
         return embeddings, hidden[predicting]
 
-    def reference_logits(self, hidden: Tensor) -> Tensor:
-        """The reference's output projection (adapter off): where the output row is untied and trained,
-        the reference keeps its own. Stage 1 and Stage 2 take their KL against this."""
-        with self.lm.disable_adapter():
-            return self.lm.get_output_embeddings()(hidden)
-
-    def kl_targets(self, targets: Tensor) -> Tensor:
-        """Mask of the response targets on which a KL to the reference (adapter disabled) is taken: all
-        but the embed token itself.
-
-        The reference was never trained to write the token, so its probability there stays that of a
-        fresh row. Penalising the divergence on that one position fights the very thing the LM loss (and
-        RL's format reward) teaches: with Stage 1's equal weights, -log p + KL is minimised near
-        p(token) = 0.06, which is where our first runs' LM loss stalled (3.2 nats per token)."""
-        return targets != self.embed_token_id
+    @property
+    def output_head(self) -> nn.Module:
+        """The LM head (the vocabulary projection); the losses project hidden states through it in chunks."""
+        return self.lm.get_output_embeddings()
 
     def encode(self, texts: Sequence[str], side: Side = "query", batch_size: int | None = None) -> Tensor:
         """Direct-mode embeddings ``[len(texts), d]`` (fp32, CPU), in input order.
@@ -447,141 +392,10 @@ class EmbeddingLM(nn.Module):
         return self.encode(texts, "document", batch_size)
 
     def encode_queries(self, texts: Sequence[str], mode: Mode = "direct", batch_size: int | None = None) -> Tensor:
+        """Query embeddings in either mode (what the model wrote in reasoning mode: ``reasoner.encode``)."""
         if mode == "direct":
             return self.encode(texts, "query", batch_size)
-        batch_size = batch_size or self.batch_size
-        chunks = [self.reason(texts[i : i + batch_size]).embeddings for i in range(0, len(texts), batch_size)]
-        return torch.cat(chunks) if chunks else torch.empty((0, self.hidden_size))
-
-    # ------------------------------------------------------------------ reasoning mode
-    def generate_reasoning(
-        self,
-        texts: Sequence[str],
-        max_new_tokens: int | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        copies: int = 1,
-        share_prefill: bool = True,
-        top_k: int = 0,
-    ) -> Generated:
-        """Sample an analysis for each query, closed by the embed token (see :class:`Generated`).
-
-        Sampling draws from ``softmax(logits / temperature)`` over the whole vocabulary unless ``top_k``
-        (> 0) or ``top_p`` (< 1) truncates it. Both are set explicitly on every call, and every other
-        logits processor a checkpoint's ``generation_config`` may carry is switched off: transformers
-        reads an unset ``top_k`` as its default of 50, which would sample a distribution other than the
-        one RL scores (:func:`~search_r3.lightning_modules.losses.sampling_log_softmax` applies the same
-        truncation to the scored log-probs).
-
-        ``copies`` samples each query that many times (rows ``i * copies ... (i + 1) * copies - 1``
-        belong to query ``i``), as GRPO's groups need. With ``share_prefill`` the prompts are run through
-        the model once and their key/value cache is repeated for the copies, instead of prefilling every
-        copy again: the sampled tokens are the same (the copies' prefill is the same computation), the
-        prompt's FLOPs are paid once per query instead of G times.
-        """
-        from transformers import GenerationConfig
-
-        if any(not t.strip() for t in texts):
-            raise ValueError("reasoning mode got an empty query")
-        if copies < 1:
-            raise ValueError(f"copies must be at least 1, got {copies}")
-        unique = self.reasoning_prompt_ids(texts)
-        prompts = [p for p in unique for _ in range(copies)]
-        ids, mask = self.pad(unique, side="left")
-        stops = [self.embed_token_id]
-        if self.tokenizer.eos_token_id is not None:
-            stops.append(self.tokenizer.eos_token_id)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens or self.max_reasoning_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            top_k=top_k if do_sample else None,  # 0: no truncation (None would mean transformers' 50)
-            min_p=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, repetition_penalty=None,
-            no_repeat_ngram_size=None, min_new_tokens=None,
-            eos_token_id=stops,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        with self.inference():
-            cache = None
-            if share_prefill and copies > 1 and ids.shape[1] > 1:
-                cache = self._prefill_cache(ids[:, :-1], mask[:, :-1])
-                cache.batch_repeat_interleave(copies)
-            ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
-            extra = {"cache": cache} if cache is not None else {}
-            generated = self.lm.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
-        new = generated[:, ids.shape[1] :].tolist()
-        close_ids = self.reasoning_close_ids
-        pad = self.tokenizer.pad_token_id
-        finished = [close_response(row, self.embed_token_id, set(stops) | {pad}, close_ids) for row in new]
-        responses = [r for r, _, _ in finished]
-        missing = [m for _, m, _ in finished]
-        stop_tokens = [s for _, _, s in finished]
-        written = [self.tokenizer.decode(r[: len(r) - (len(close_ids) if m else 1)], skip_special_tokens=False)
-                   for r, m in zip(responses, missing)]
-        queries = [t for t in texts for _ in range(copies)]
-        measures = [measure_analysis(w, q, self._count_tokens, self.prompts, capped=m and s is None)
-                    for w, q, m, s in zip(written, queries, missing, stop_tokens)]
-        return Generated(prompts, responses, missing, stop_tokens, [m.tokens for m in measures], measures)
-
-    @property
-    def reasoning_close_ids(self) -> list[int]:
-        """Token ids of ``prompts.reasoning_close`` (the fix-up appended to a trajectory without the
-        token), tokenised once: every rollout needs them."""
-        if self._close_ids is None:
-            self._close_ids = self.tokenizer(self.prompts.reasoning_close, add_special_tokens=False)["input_ids"]
-        return self._close_ids
-
-    def analysis_length(self, written: list[int]) -> int:
-        """How many of the tokens a model wrote before its embed token are analysis: the tokens of what is
-        left once every template phrase ("The embedding is", anywhere, any case) is removed.
-
-        Those words are the response format, not reasoning. Counted, a collapsed policy that answers
-        every query with "The embedding is <|embed_token|>" (direct mode under another prompt) would be
-        reported as writing 4 tokens of reasoning, and "The embedding is X. The embedding is Y" would meet
-        ``min_reasoning_tokens`` with the format. Matched on decoded text, so any split of the words into
-        tokens is found (:mod:`search_r3.model.analysis_measures`)."""
-        own = strip_templates(self.tokenizer.decode(written, skip_special_tokens=False), self.prompts)
-        return self._count_tokens(own) if own else 0
-
-    def _count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _prefill_cache(self, ids: Tensor, mask: Tensor) -> Any:
-        """The key/value cache of left-padded prompts, positioned as ``generate`` positions them (from
-        the attention mask), so that ``generate`` can continue from it with the prompts' last token."""
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).cache
-
-    def reason(self, texts: Sequence[str], **generation: object) -> ReasoningOutput:
-        """Reasoning mode: generate, then re-forward the full sequence and read the embed token.
-
-        The re-forward (instead of one extra cached decoding step) gives exactly the hidden state a
-        training step will see for the same tokens, which the RL stage relies on. The analysis lengths
-        are kept (``reasoning_log``) so every reasoning-mode result can say how much reasoning there was.
-        """
-        gen = self.generate_reasoning(texts, **generation)  # type: ignore[arg-type]
-        self.missing_embed_token_count += sum(gen.missing)
-        ids, mask = self.pad([p + r for p, r in zip(gen.prompts, gen.responses)])
-        with self.inference():
-            emb = self.embed_at_token(ids, mask).cpu()
-        # the analysis as written: the response less the embed token and a closing sentence at its end
-        close = len(self.reasoning_close_ids)
-        analyses = [strip_closing_tail(self.tokenizer.decode(resp[: len(resp) - (close if miss else 1)],
-                                                             skip_special_tokens=False), self.prompts)
-                    for resp, miss in zip(gen.responses, gen.missing)]
-        self.reasoning_log.extend(ReasoningRecord(q, a, n, m, measures) for q, a, n, m, measures
-                                  in zip(texts, analyses, gen.analysis_tokens, gen.missing, gen.measures))
-        return ReasoningOutput(
-            embeddings=emb,
-            texts=analyses,
-            missing_embed_token=torch.tensor(gen.missing),
-            analysis_tokens=torch.tensor(gen.analysis_tokens),
-            input_ids=ids,
-            attention_mask=mask,
-            prompt_lengths=torch.tensor([len(p) for p in gen.prompts]),
-        )
+        return self.reasoner.encode(texts, batch_size)[0]
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
@@ -596,7 +410,7 @@ class EmbeddingLM(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.stacked_on is not None and self.stacked_on.resolve() != directory.resolve():
-            _copy_folder(self.stacked_on, directory / BASE_ADAPTER_DIR)
+            copy_folder(self.stacked_on, directory / BASE_ADAPTER_DIR)
         if self.is_peft:
             # save_embedding_layers=False keeps only the trained token row, not the 49k x d matrix.
             self.lm.save_pretrained(directory, save_embedding_layers=False)
@@ -614,121 +428,3 @@ class EmbeddingLM(nn.Module):
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
         return directory
-
-
-def close_response(
-    generated: list[int], embed_token_id: int, stop_ids: set[int], close_ids: list[int]
-) -> tuple[list[int], bool, int | None]:
-    """Cut a generated row right after its first embed token; if there is none, cut at the first
-    stop/pad token (or keep the capped row) and append ``close_ids``.
-
-    Returns (response, appended, the stop token cut at: ``None`` when the row emitted the embed token or
-    ran to the cap). RL scores that stop token: it is the sampled action that failed the format."""
-    if embed_token_id in generated:
-        return generated[: generated.index(embed_token_id) + 1], False, None
-    cut = next((i for i, t in enumerate(generated) if t in stop_ids), len(generated))
-    return generated[:cut] + close_ids, True, generated[cut] if cut < len(generated) else None
-
-
-def _add_embed_token_row(lm: nn.Module, token_id: int) -> None:
-    """Give the embed token its row, initialised to the mean of the rows of every token before it, in the
-    input embeddings and (if untied) the output embeddings.
-
-    The same whether the matrix must grow (SmolLM2: the token is one past the last row) or the token
-    lands in a padding row the checkpoint already has (Qwen2.5: id 151665 of 151936 rows, whose values are
-    whatever the padding held). A deterministic mean (rather than transformers' sampled "mean resizing")
-    makes an untrained wrapper give the same embeddings on every load, and starts the row inside the
-    embedding cloud.
-    """
-    if token_id >= lm.get_input_embeddings().weight.shape[0]:
-        lm.resize_token_embeddings(token_id + 1, mean_resizing=False)
-    with torch.no_grad():
-        weight = lm.get_input_embeddings().weight
-        weight[token_id] = weight[:token_id].float().mean(0).to(weight.dtype)
-        out = lm.get_output_embeddings()
-        if out is not None and out.weight.data_ptr() != weight.data_ptr():
-            out.weight[token_id] = out.weight[:token_id].float().mean(0).to(out.weight.dtype)
-
-
-def _load_adapter_chain(lm: nn.Module, folder: Path, base_model: str, prompts: PromptTemplates, token_id: int,
-                        merge_top: bool) -> nn.Module:
-    """Apply an adapter folder (and, first, the adapters it was stacked on) to ``lm``.
-
-    Every adapter below the top one is merged into the weights, in the order they were trained. The top
-    one stays a (frozen) peft adapter unless ``merge_top``. A row-only adapter (no LoRA) writes its
-    embed-token row into the embedding matrix, which is a merge already."""
-    meta = _read_meta(str(folder))
-    _check_adapter(meta, str(folder), base_model, prompts)
-    if meta.get("stacked_on"):
-        lm = _load_adapter_chain(lm, folder / meta["stacked_on"], base_model, prompts, token_id, merge_top=True)
-    try:
-        if meta.get("lora") is None:
-            row = torch.load(folder / TOKEN_ROW_FILE, map_location="cpu", weights_only=True)
-            with torch.no_grad():
-                lm.get_input_embeddings().weight[token_id] = row.to(lm.dtype)
-            return lm
-        from peft import PeftModel
-
-        lm = PeftModel.from_pretrained(lm, str(folder), is_trainable=False)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
-        # a truncated or corrupt weights file: safetensors and torch.load raise these, with messages
-        # that do not name the folder
-        detail = (str(err).splitlines() or [""])[0][:200]
-        raise AdapterError(f"adapter folder {str(folder)!r}: its weights cannot be read ({type(err).__name__}: "
-                           f"{detail}); the file is corrupt or truncated: copy, re-export or retrain it") from err
-    return lm.merge_and_unload() if merge_top else lm
-
-
-def _token_row_modules(lm: nn.Module, token_id: int) -> dict[str, list[int]]:
-    """peft's ``trainable_token_indices``: the embed token's input row and, for a model whose output
-    embeddings are not tied to the input ones (Qwen2.5-7B, tiny test models), its output row as well,
-    so the LM loss can make the token likely by moving its own logit row."""
-    names = {id(m): n for n, m in lm.named_modules()}
-    modules = {names[id(lm.get_input_embeddings())].split(".")[-1]: [token_id]}
-    out = lm.get_output_embeddings()
-    if out is not None and out.weight.data_ptr() != lm.get_input_embeddings().weight.data_ptr():
-        modules[names[id(out)].split(".")[-1]] = [token_id]
-    return modules
-
-
-def _copy_folder(source: Path, target: Path) -> None:
-    """Replace ``target`` by a copy of ``source`` through a temporary sibling, so a crash mid-copy
-    never leaves a half-written base adapter behind."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-
-
-
-def _check_adapter(meta: dict, adapter: str, base_model: str, prompts: PromptTemplates) -> None:
-    """An adapter only means something on the base model it was trained on, with its prompts."""
-    trained_on = str(meta.get("base_model"))
-    same_folder = Path(trained_on).is_dir() and Path(base_model).is_dir() and \
-        Path(trained_on).resolve() == Path(base_model).resolve()
-    if trained_on != base_model and not same_folder:
-        raise AdapterError(f"adapter {adapter!r} was trained on base model {meta.get('base_model')!r}, "
-                           f"not {base_model!r}: set base_model to that model")
-    if meta.get("prompts") and meta["prompts"] != prompts.as_dict():
-        log.warning("adapter %s was trained with other prompts than the ones configured now: %s", adapter,
-                    {k: v for k, v in meta["prompts"].items() if prompts.as_dict().get(k) != v})
-
-
-def _read_meta(adapter: str) -> dict:
-    """The adapter's ``search_r3.json``; every way a folder can be unusable is an :class:`AdapterError`
-    that says which (checked before the base model's weights load, so a typo costs no time)."""
-    folder = Path(adapter)
-    if not folder.exists():
-        raise AdapterError(f"adapter folder {adapter!r} does not exist (train one with `search-r3 fit`, or fix the "
-                           f"path; committed adapters are under checkpoints/)")
-    path = folder / META_FILE
-    if not path.is_file():
-        raise AdapterError(f"adapter folder {adapter!r} has no {META_FILE}: not written by EmbeddingLM.save")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{path}: corrupt adapter metadata ({err}); re-export or retrain the adapter") from err
-    if not isinstance(meta, dict):
-        raise AdapterError(f"{path}: corrupt adapter metadata (not a JSON object); re-export or retrain the adapter")
-    return meta

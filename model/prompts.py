@@ -2,7 +2,7 @@
 
 Every stage (evaluation, SFT, RL) builds its token sequences through :class:`PromptTemplates`, so a
 number measured with one prompt can never silently be compared with a model trained on another.
-The strings follow the paper as far as it is known (``../shared/notes/paper.md`` §2.2, §10 items 1-3);
+The strings follow the paper as far as it is known (``docs/paper_claims.yaml`` says from which sources);
 the document prompt and the reasoning instruction are our choices, since the paper does not quote them.
 """
 

@@ -7,7 +7,7 @@
 
 ``--recount`` also re-measures the analyses in the run's sample tables (``rollouts/``: sampled, every
 ``samples_every`` steps; ``reasoning/``: greedy, at each validation) with the current definition of an
-analysis (:meth:`EmbeddingLM.analysis_length`: the closing words "The embedding is" are format, not
+analysis (:meth:`Reasoner.analysis_length`: the closing words "The embedding is" are format, not
 analysis). Runs logged before 2026-11-30 20:00 counted those words, so their ``analysis tokens`` and
 ``empty analyses`` step metrics overstate the reasoning; the recount is from re-tokenised text.
 
@@ -56,7 +56,7 @@ def recount_samples(client: Any, runs: list, base_model: str, epoch_of: dict[int
 
     def length(text: str) -> int:
         head = text.split(EMBED_TOKEN)[0]
-        return encoder.analysis_length(encoder.tokenizer(head, add_special_tokens=False)["input_ids"])
+        return encoder.reasoner.analysis_length(encoder.tokenizer(head, add_special_tokens=False)["input_ids"])
 
     def summary(lengths: list[int]) -> dict[str, float]:
         n = len(lengths)

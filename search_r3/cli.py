@@ -18,8 +18,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
 from search_r3.evaluation.mlflow_runs import log_fit_inputs, mark_model_training
-from search_r3.lightning_modules.training_progress import TrainingProgress
-from search_r3.model.errors import report_user_errors
+from search_r3.common.progress import TrainingProgress
+from search_r3.common.errors import report_user_errors
 from search_r3.preflight import preflight
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from search_r3.model.embedding_lm import EmbeddingLM, _read_meta
-from search_r3.model.errors import RunSetupError, report_user_errors
+from search_r3.model.adapter_files import read_meta
+from search_r3.model.embedding_lm import EmbeddingLM
+from search_r3.common.errors import RunSetupError, report_user_errors
 
 log = logging.getLogger(__name__)
 EXPORT_META = "search_r3.json"
@@ -32,7 +33,7 @@ def export_model(adapter: str, out: str | Path, dtype: str = "float32", cache_di
     out = Path(out)
     if out.exists():
         raise RunSetupError(f"export folder {out} exists: choose a new one (an export is never overwritten)")
-    meta = _read_meta(adapter)
+    meta = read_meta(adapter)
     base = base_model or str(meta["base_model"])
     model = EmbeddingLM(base_model=base, adapter=adapter, cache_dir=cache_dir, dtype=dtype, show_progress=False,
                         merge_adapter=True)

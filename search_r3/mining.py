@@ -29,7 +29,7 @@ from search_r3.datamodules.bm25 import BM25Index
 from search_r3.datamodules.sources import resolve_beir
 from search_r3.datamodules.training_sources import rows_from_ranking
 from search_r3.evaluation.metrics import Run
-from search_r3.model.errors import report_user_errors
+from search_r3.common.errors import report_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def model_ranking(task: RetrievalTask, k: int, adapter: str | None, base_model: 
                   max_document_tokens: int = 256) -> Run:
     """Exact top-k of the search-r3 wrapper (direct mode) over the task's corpus."""
     from search_r3.evaluation.metrics import build_run
-    from search_r3.evaluation.search import exact_topk
+    from search_r3.common.search import exact_topk
     from search_r3.model.embedding_lm import EmbeddingLM
 
     encoder = EmbeddingLM(base_model=base_model, adapter=adapter, max_document_tokens=max_document_tokens)

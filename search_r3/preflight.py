@@ -1,7 +1,7 @@
 """Checks that run before any model loads or any compute starts: every folder a command will write to
 (outputs, adapters, checkpoints, caches, the MLflow store) is writable, and a checkpoint to resume from
 is a readable archive. A run that would fail after an hour of encoding on an unwritable results file
-fails here, in a second, with one message (:class:`~search_r3.model.errors.RunSetupError`)."""
+fails here, in a second, with one message (:class:`~search_r3.common.errors.RunSetupError`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from search_r3.model.errors import RunSetupError
+from search_r3.common.errors import RunSetupError
 
 # init_args that name a folder or file the command writes into
 WRITTEN_PATHS = {"adapter_dir", "output_dir", "results_file", "embedding_cache_dir", "dirpath", "save_dir",

@@ -13,6 +13,7 @@ import torch
 import pytest
 
 from search_r3.lightning_modules.rl import RLModule
+from search_r3.lightning_modules.rollout import Rollout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -246,9 +247,9 @@ class SampledTokenReward(RLModule):  # module level: ddp_spawn pickles it by ref
     gradient moving probability towards the tokens of better-than-average rollouts. It also gives every
     group unequal rewards, which the tiny model's retrieval rewards (all 0) do not."""
 
-    def rollout_rewards(self, r: dict, emb, positives):
-        rewarded = (r["targets"] % 2 == 0) & r["policy"]
-        return rewarded.sum(1).float() / r["policy"].sum(1).clamp(min=1)
+    def rollout_rewards(self, r: Rollout, emb, positives):
+        rewarded = (r.targets % 2 == 0) & r.policy
+        return rewarded.sum(1).float() / r.policy.sum(1).clamp(min=1)
 
 
 @pytest.fixture()
@@ -264,10 +265,10 @@ class AlternatingParityReward(RLModule):  # module level: ddp_spawn pickles it b
     matters: a policy gradient whose log-probs are read one position off (hidden states misaligned with
     their targets) pushes each position towards the parity of its neighbour and cannot raise it."""
 
-    def rollout_rewards(self, r: dict, emb, positives):
-        position = r["policy"].long().cumsum(1) - 1
-        rewarded = (r["targets"] % 2 == position % 2) & r["policy"]
-        return rewarded.sum(1).float() / r["policy"].sum(1).clamp(min=1)
+    def rollout_rewards(self, r: Rollout, emb, positives):
+        position = r.policy.long().cumsum(1) - 1
+        rewarded = (r.targets % 2 == position % 2) & r.policy
+        return rewarded.sum(1).float() / r.policy.sum(1).clamp(min=1)
 
 
 @pytest.fixture()
@@ -280,9 +281,9 @@ class AnalysisHelpsOrHurts(RLModule):  # module level: ddp_spawn pickles it by r
     an analysis whose first token is even scores 1, one whose first token is odd scores 0, and an empty
     one (the embed token at once) scores what the direct embedding does."""
 
-    def rollout_rewards(self, r: dict, emb, positives):
-        first = r["policy"].float().argmax(1)
-        token = r["targets"].gather(1, first[:, None]).squeeze(1)
+    def rollout_rewards(self, r: Rollout, emb, positives):
+        first = r.policy.float().argmax(1)
+        token = r.targets.gather(1, first[:, None]).squeeze(1)
         empty = token == self.encoder.embed_token_id
         return torch.where(empty, torch.full_like(token, 0.5, dtype=torch.float), (token % 2 == 0).float())
 

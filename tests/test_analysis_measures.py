@@ -41,10 +41,10 @@ def test_the_written_analysis_keeps_its_words_but_not_the_closing_sentence() -> 
 
 
 def test_the_model_counts_analysis_tokens_without_template_text(tiny_lm) -> None:
-    """EmbeddingLM.analysis_length (the length condition of Stage 2 and every recorded reasoning length)
+    """Reasoner.analysis_length (the length condition of Stage 2 and every recorded reasoning length)
     counts tokens of the model's own words only."""
     tok = tiny_lm.tokenizer
     ids = tok("The embedding is Hamlet. The embedding is", add_special_tokens=False)["input_ids"]
-    assert tiny_lm.analysis_length(ids) == len(tok(" Hamlet.", add_special_tokens=False)["input_ids"]) or \
-        tiny_lm.analysis_length(ids) == len(tok("Hamlet.", add_special_tokens=False)["input_ids"])
-    assert tiny_lm.analysis_length(tok("The embedding is", add_special_tokens=False)["input_ids"]) == 0
+    assert tiny_lm.reasoner.analysis_length(ids) == len(tok(" Hamlet.", add_special_tokens=False)["input_ids"]) or \
+        tiny_lm.reasoner.analysis_length(ids) == len(tok("Hamlet.", add_special_tokens=False)["input_ids"])
+    assert tiny_lm.reasoner.analysis_length(tok("The embedding is", add_special_tokens=False)["input_ids"]) == 0

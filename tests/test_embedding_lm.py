@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings, close_response
-from search_r3.model.errors import AdapterError
+from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
+from search_r3.model.reasoning import close_response
+from search_r3.common.errors import AdapterError
 from search_r3.model.prompts import EMBED_TOKEN, PromptTemplates
 
 TEXTS = [
@@ -91,30 +92,31 @@ def test_the_closing_words_are_format_not_analysis(tiny_lm: EmbeddingLM) -> None
         return tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     analysis = ids("Looks for trials of vitamin D.")
-    assert tiny_lm.analysis_length(ids("The embedding is")) == 0
-    assert tiny_lm.analysis_length(ids(" The embedding is")) == 0
-    assert tiny_lm.analysis_length(analysis + ids(" the embedding is")) == len(analysis)
-    assert tiny_lm.analysis_length(analysis) == len(analysis)
-    assert tiny_lm.analysis_length(analysis + ids(" is")) == len(analysis) + len(ids(" is"))
-    assert tiny_lm.analysis_length([]) == 0
+    assert tiny_lm.reasoner.analysis_length(ids("The embedding is")) == 0
+    assert tiny_lm.reasoner.analysis_length(ids(" The embedding is")) == 0
+    assert tiny_lm.reasoner.analysis_length(analysis + ids(" the embedding is")) == len(analysis)
+    assert tiny_lm.reasoner.analysis_length(analysis) == len(analysis)
+    assert tiny_lm.reasoner.analysis_length(analysis + ids(" is")) == len(analysis) + len(ids(" is"))
+    assert tiny_lm.reasoner.analysis_length([]) == 0
 
 
 def test_reasoning_mode_flags_and_counts_missing_tokens(tiny_lm: EmbeddingLM) -> None:
-    out = tiny_lm.reason(["Who wrote Hamlet?", "vitamin D"])
+    out = tiny_lm.reasoner.reason(["Who wrote Hamlet?", "vitamin D"])
     assert out.embeddings.shape == (2, tiny_lm.hidden_size)
     torch.testing.assert_close(out.embeddings.norm(dim=-1), torch.ones(2))
     assert len(out.texts) == 2 and all(isinstance(t, str) for t in out.texts)
     # A random model practically never samples the new token: it is appended and flagged, not a crash.
-    assert int(out.missing_embed_token.sum()) == tiny_lm.missing_embed_token_count
+    assert out.missing_embed_token.tolist() == [r.appended for r in out.records]
+    assert [r.query for r in out.records] == ["Who wrote Hamlet?", "vitamin D"]
     for row, mask, start in zip(out.input_ids, out.attention_mask, out.prompt_lengths):
         valid = row[mask.bool()].tolist()
         assert valid[-1] == tiny_lm.embed_token_id and len(valid) > int(start)
     with pytest.raises(ValueError, match="empty query"):
-        tiny_lm.reason(["  "])
+        tiny_lm.reasoner.reason(["  "])
 
 
 def test_reasoning_embedding_is_read_at_the_token_of_the_full_sequence(tiny_lm: EmbeddingLM) -> None:
-    out = tiny_lm.reason(["Who wrote Hamlet?"])
+    out = tiny_lm.reasoner.reason(["Who wrote Hamlet?"])
     seq = out.input_ids[0][out.attention_mask[0].bool()]
     with torch.no_grad():
         hidden = tiny_lm.lm(input_ids=seq[None], output_hidden_states=True).hidden_states[-1][0, -1]
@@ -139,7 +141,7 @@ def test_copies_of_a_prompt_share_one_prefill_and_sample_what_separate_prefills_
     for shared in (True, False):
         fed.clear()
         torch.manual_seed(7)
-        gen = model.generate_reasoning(queries, do_sample=True, temperature=1.3, copies=copies, share_prefill=shared)
+        gen = model.reasoner.generate(queries, do_sample=True, temperature=1.3, copies=copies, share_prefill=shared)
         runs[shared] = (gen, sum(fed))
     hook.remove()
     (shared, fed_shared), (separate, fed_separate) = runs[True], runs[False]
@@ -150,7 +152,7 @@ def test_copies_of_a_prompt_share_one_prefill_and_sample_what_separate_prefills_
     # for every copy but one of each query
     assert fed_separate - fed_shared == len(queries) * (width - 1) * (copies - 1)
     torch.manual_seed(7)
-    greedy = model.generate_reasoning(queries, copies=copies)
+    greedy = model.reasoner.generate(queries, copies=copies)
     assert all(greedy.responses[i] == greedy.responses[i - i % copies] for i in range(len(greedy.responses)))
 
 
@@ -176,7 +178,7 @@ def test_inference_merges_the_token_row_for_speed_and_restores_the_weights_exact
 
     def run() -> tuple[list[list[int]], torch.Tensor]:
         torch.manual_seed(3)
-        gen = model.generate_reasoning(queries, do_sample=True, temperature=1.3, copies=2)
+        gen = model.reasoner.generate(queries, do_sample=True, temperature=1.3, copies=2)
         return gen.responses, model.encode_documents(TEXTS)
 
     merged = run()
@@ -304,8 +306,8 @@ def test_training_forward_matches_readout_and_full_logits(tiny_lm: EmbeddingLM) 
     assert logits.shape[0] == int(response_mask.sum())  # every response token, the first included, is predicted
     # The KL to the reference skips exactly the embed token (the reference cannot write it).
     targets = ids[response_mask]
-    assert (~tiny_lm.kl_targets(targets)).sum() == len(seqs)
-    assert (targets[~tiny_lm.kl_targets(targets)] == tiny_lm.embed_token_id).all()
+    assert (~tiny_lm.reference.kl_mask(targets)).sum() == len(seqs)
+    assert (targets[~tiny_lm.reference.kl_mask(targets)] == tiny_lm.embed_token_id).all()
 
 
 def test_adapter_refuses_another_base_model(tiny_lm: EmbeddingLM, tiny_lm_dir: Path, tmp_path: Path) -> None:

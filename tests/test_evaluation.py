@@ -15,7 +15,7 @@ from search_r3.evaluation.paired import main as paired_main
 from search_r3.evaluation.paired import paired_comparison, read_run
 from search_r3.evaluation.results_record import record_rows
 from search_r3.evaluation.run_files import RunProvenance, read_provenance, write_trec_run
-from search_r3.evaluation.search import exact_topk
+from search_r3.common.search import exact_topk
 
 # Graded qrels and a run whose trec_eval values are known (linear gain, trec_eval 9.0.7).
 QRELS = {"q1": {"d1": 2, "d2": 1, "d5": 0}, "q2": {"d3": 1, "d9": 1}}

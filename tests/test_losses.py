@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
 from search_r3.lightning_modules.losses import (
-    cached_info_nce,
+    cached_embedding_loss,
     chunked_token_scores,
     info_nce_loss,
     masked_token_mean,
@@ -150,7 +150,7 @@ def test_chunked_token_scores_never_keep_all_logits_for_backward() -> None:
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
 
 
-def test_cached_info_nce_equals_plain_in_loss_and_gradients(tiny_lm_dir: Path) -> None:
+def test_cached_embedding_loss_equals_plain_info_nce_in_loss_and_gradients(tiny_lm_dir: Path) -> None:
     model = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
                         lora=LoraSettings(r=4, alpha=8, dropout=0.2))
     torch.manual_seed(0)
@@ -176,7 +176,7 @@ def test_cached_info_nce_equals_plain_in_loss_and_gradients(tiny_lm_dir: Path) -
     model.zero_grad()
 
     torch.manual_seed(123)
-    cached, _, _ = cached_info_nce(embed, q_chunks, d_chunks, positives)
+    cached, _ = cached_embedding_loss(embed, q_chunks + d_chunks, lambda reps: info_nce_loss(reps[:4], reps[4:], positives))
     assert cached.item() == pytest.approx(plain.item(), abs=1e-6)
     assert sum(g.abs().sum().item() for g in plain_grads) > 0
     for p, g in zip(params, plain_grads):

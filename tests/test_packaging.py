@@ -8,8 +8,20 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = {"model": "model", "datamodules": "datamodules", "evaluation": "evaluation",
+PACKAGES = {"common": "common", "model": "model", "datamodules": "datamodules", "evaluation": "evaluation",
             "environment": "environment", "lightning_modules": "lightning_modules", "search_r3": "search_r3"}
+# Which package may import which (docs/design.md, "Layers"): shared utilities at the bottom, then the model
+# wrapper, the data and the RL environment side by side, evaluation, the Lightning modules, and the
+# command-line entry points on top.
+LAYERS = {
+    "common": set(),
+    "model": {"common"},
+    "datamodules": {"common"},
+    "environment": {"common"},
+    "evaluation": {"common", "model", "datamodules"},
+    "lightning_modules": {"common", "model", "datamodules", "environment", "evaluation"},
+    "search_r3": {"common", "model", "datamodules", "environment", "evaluation", "lightning_modules"},
+}
 
 
 def test_design_card_folders_install_under_search_r3_only(tmp_path: Path) -> None:
@@ -54,5 +66,10 @@ def test_no_package_imports_one_that_imports_it_back() -> None:
     for package in sorted(graph):
         if package not in state:
             visit(package, [package])
-    # The wrapper is the bottom layer: everything may use it, it uses nothing of ours.
-    assert graph["model"] == set()
+
+
+def test_every_package_imports_only_the_layers_below_it() -> None:
+    graph = _package_imports()
+    assert set(graph) == set(LAYERS)
+    broken = {name: sorted(graph[name] - LAYERS[name]) for name in graph if graph[name] - LAYERS[name]}
+    assert not broken, f"imports that break the layers of docs/design.md: {broken}"

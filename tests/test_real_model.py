@@ -46,7 +46,7 @@ def test_untrained_direct_mode_ranks_the_matching_passage_first(smollm2: Embeddi
 
 
 def test_reasoning_mode_returns_text_and_embedding_at_the_token(smollm2: EmbeddingLM) -> None:
-    out = smollm2.reason(["who wrote hamlet"])
+    out = smollm2.reasoner.reason(["who wrote hamlet"])
     assert out.texts[0].strip() and "<|embed_token|>" not in out.texts[0]
     row = out.input_ids[0][out.attention_mask[0].bool()]
     assert row[-1].item() == smollm2.embed_token_id
@@ -89,7 +89,7 @@ def test_embedding_path_opens_no_socket(smollm2: EmbeddingLM, monkeypatch: pytes
     fresh = EmbeddingLM(cache_dir=str(Path(__file__).resolve().parents[1] / ".cache/search_r3/models"),
                         show_progress=False)
     fresh.encode(QUERIES)
-    fresh.reason(["who wrote hamlet"], max_new_tokens=4)
+    fresh.reasoner.reason(["who wrote hamlet"], max_new_tokens=4)
     assert attempts == []
 
 

@@ -12,7 +12,7 @@ from search_r3.datamodules.beir import BEIRDataModule
 from search_r3.evaluation.retrievers import EmbeddingLMRetriever
 from search_r3.model.embedding_lm import EmbeddingLM
 from search_r3.lightning_modules.retrieval_eval import ProgressLog, RetrievalEvalModule
-from search_r3.model.progress import ProgressLine
+from search_r3.common.progress import ProgressLine
 
 
 class _Killed(Exception):
@@ -127,7 +127,8 @@ def test_a_reasoning_row_states_how_much_reasoning_there_was(tiny_lm_dir: Path, 
     direct, reasoning = module.rows
     assert direct.reasoning is None
     stats = reasoning.reasoning
-    lengths = [r.tokens for r in module.retrievers[0].encoder.reasoning_log]
+    queries = list(module.trainer.datamodule.tasks[0].queries.values())
+    lengths = [r.tokens for r in module.retrievers[0].encoder.reasoner.encode(queries)[1]]  # greedy: the same
     assert len(lengths) == reasoning.num_queries == 8 and all(0 <= n <= 4 for n in lengths)
     assert stats["reasoning_tokens_mean"] == pytest.approx(sum(lengths) / 8, abs=0.01)
     assert stats["empty_reasoning_rate"] == pytest.approx(sum(n == 0 for n in lengths) / 8)
@@ -174,7 +175,7 @@ def test_mlflow_gets_one_comparable_child_run_per_row(tiny_lm_dir: Path, mini_sc
                                 "begins_with_closing"]
     task = trainer.datamodule.tasks[0]
     assert [r[0] for r in table["data"]] == list(task.queries.values())  # every test query, in order
-    expected = {(r.query, r.analysis, r.tokens) for r in long.reasoning_log}
+    expected = {(r.query, r.analysis, r.tokens) for r in long.reasoner.encode(list(task.queries.values()))[1]}
     assert {(q, a, n) for q, a, n, *_ in table["data"]} == expected
     metrics = by_name["scifact/tiny.reasoning"].data.metrics  # every reasoning row says what its analyses are
     assert {"test/copies_query_rate", "test/begins_with_closing_rate", "test/capped_rate"} <= set(metrics)

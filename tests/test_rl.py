@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import lightning as L
@@ -105,7 +106,7 @@ def test_kl_enters_per_token_and_dr_grpo_leaves_advantages_unscaled(tiny_lm_dir:
     got = {}
     for placement in ("per_token", "token_mean"):
         module = _module(tiny_lm_dir, tmp_path, group_size=2, kl_weight=0.1, embed_weight=0.0, kl_placement=placement)
-        terms = module.losses({"policy": mask}, torch.zeros(4, 8), logp, TokenScores(logp[mask], kl, kl * 0),
+        terms = module.losses(mask, torch.zeros(4, 8), logp, TokenScores(logp[mask], kl, kl * 0),
                               group_advantages(rewards, 2), [], rewards)
         got[placement] = float(terms["kl"])
     assert got == {"per_token": pytest.approx((2.0 + 2.0 + 2.0 + 3.0) / 4), "token_mean": pytest.approx(21.0 / 9)}
@@ -179,13 +180,13 @@ def test_one_update_is_finite_and_reaches_lora_and_the_token_row(tiny_lm_dir: Pa
     r = module.rollout(batch["query"])
     prompts = module.encoder.reasoning_prompt_ids([q for q in batch["query"] for _ in range(4)])
     for i, p in enumerate(prompts):
-        assert not r["policy"][i, : len(p)].any(), "a prompt token is in the policy mask"
-        assert r["policy"][i].any()
+        assert not r.policy[i, : len(p)].any(), "a prompt token is in the policy mask"
+        assert r.policy[i].any()
     emb, logp, tokens = module._forward(r)
     positives = [env.positions(p) for p in batch["positives"] for _ in range(4)]
     rewards = torch.linspace(0, 1, len(positives))  # distinct rewards, non-zero advantages: every term acts
     adv = group_advantages(rewards, 4)
-    terms = module.losses(r, emb, logp, tokens, adv, positives, rewards)
+    terms = module.losses(r.policy, emb, logp, tokens, adv, positives, rewards)
     total = terms["policy"] + terms["kl"] + terms["embed"]
     assert all(torch.isfinite(v) for v in terms.values()) and float(terms["kl"]) == pytest.approx(0.0, abs=1e-5)
     total.backward()
@@ -209,7 +210,7 @@ def test_format_rule_constant_failure_reward_or_penalised_retrieval(tiny_lm_dir:
     emb = env.vectors[[p[0] for p in positives]] + 0.3 * torch.randn(len(positives), env.vectors.shape[1])
     emb = torch.nn.functional.normalize(emb, dim=-1)
     missing = torch.tensor([True, False] * (len(positives) // 2))
-    r = {"format_failed": missing}
+    r = SimpleNamespace(format_failed=missing)  # the one Rollout field the reward reads
     retrieval = env.reward(emb, positives)
     constant = module.rollout_rewards(r, emb, positives)
     assert torch.equal(constant[missing], torch.full((int(missing.sum()),), -0.5))
@@ -397,7 +398,7 @@ def test_stage2_starts_from_stage1_and_is_anchored_to_it(tiny_lm_dir: Path, mini
     emb, logp, tokens = module._forward(r)
     positives = [env.positions(p) for p in batch["positives"] for _ in range(4)]
     rewards = torch.linspace(0, 1, len(positives))
-    terms = module.losses(r, emb, logp, tokens, group_advantages(rewards, 4), positives, rewards)
+    terms = module.losses(r.policy, emb, logp, tokens, group_advantages(rewards, 4), positives, rewards)
     assert float(terms["kl"]) == 0.0
     # The RL adapter loads for `search-r3 test` on its own, Stage 1 inside it, and embeds as the policy.
     perturb_trainable(encoder, 0.1, noise=True)
@@ -410,7 +411,7 @@ def test_stage2_starts_from_stage1_and_is_anchored_to_it(tiny_lm_dir: Path, mini
     digest = tested.adapter_digest
     (tmp_path / "rl" / "base_adapter" / "adapter_model.safetensors").write_bytes(
         (tmp_path / "sft" / "adapter_model.safetensors").read_bytes()[:-8] + b"\0" * 8)
-    from search_r3.model.digests import folder_digest
+    from search_r3.common.digests import folder_digest
 
     assert folder_digest(str(tmp_path / "rl")) != digest
 
@@ -419,7 +420,7 @@ def test_rollout_scores_the_sampled_stop_token_at_the_sampling_temperature(tiny_
     """A trajectory that ends its turn without the embed token keeps the stop token it sampled in the
     policy mask (that action failed the format), the appended fix-up text gets no gradient, and every
     log-prob is taken under the tempered distribution that was sampled."""
-    from search_r3.model.embedding_lm import Generated
+    from search_r3.model.reasoning import Generated
 
     module = _module(tiny_lm_dir, tmp_path, temperature=0.7)
     enc = module.encoder
@@ -434,18 +435,18 @@ def test_rollout_scores_the_sampled_stop_token_at_the_sampling_temperature(tiny_
     lengths = [len(words), len(words), 1, 0]
     gen = Generated(prompts, responses, [False, True, True, False], [None, eos, None, None], lengths,
                     [AnalysisMeasures(n, False, False, i == 2) for i, n in enumerate(lengths)])
-    module.encoder.generate_reasoning = lambda *a, **k: gen  # the layout under test, not the sampler
+    module.encoder.reasoner.generate = lambda *a, **k: gen  # the layout under test, not the sampler
     r = module.rollout(["vitamin D"])
     p = len(prompts[0])
     n = len(words)
-    assert r["policy"][0, p: p + n + 1].all() and r["policy"][0].sum() == n + 1  # analysis + embed token
-    assert r["policy"][1, p: p + n + 1].all() and r["policy"][1].sum() == n + 1  # analysis + sampled stop
-    assert int(r["targets"][1, p + n]) == eos and int(r["input_ids"][1, p + n]) == close[0]
-    assert r["policy"][2].sum() == 1 and bool(r["capped"][2])  # capped: nothing sampled after the analysis
-    assert r["analysis_tokens"].tolist() == [n, n, 1, 0]
+    assert r.policy[0, p: p + n + 1].all() and r.policy[0].sum() == n + 1  # analysis + embed token
+    assert r.policy[1, p: p + n + 1].all() and r.policy[1].sum() == n + 1  # analysis + sampled stop
+    assert int(r.targets[1, p + n]) == eos and int(r.input_ids[1, p + n]) == close[0]
+    assert r.policy[2].sum() == 1 and bool(r.capped[2])  # capped: nothing sampled after the analysis
+    assert r.analysis_tokens.tolist() == [n, n, 1, 0]
     emb, logp, _ = module._forward(r)
     with torch.no_grad():
-        hidden = enc.decoder(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).last_hidden_state
+        hidden = enc.decoder(input_ids=r.input_ids, attention_mask=r.attention_mask).last_hidden_state
         raw = enc.lm.get_output_embeddings()(hidden[1, p + n - 1])
     want = torch.log_softmax(raw.float() / 0.7, -1)[eos]
     torch.testing.assert_close(logp[1, p + n], want)

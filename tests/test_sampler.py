@@ -27,7 +27,7 @@ def _first_token_distribution(model, temperature: float, top_k: int, top_p: floa
 
 def _draws(model, temperature: float, top_k: int, top_p: float) -> Counter[int]:
     torch.manual_seed(0)
-    gen = model.generate_reasoning([QUERY], max_new_tokens=1, do_sample=True, temperature=temperature,
+    gen = model.reasoner.generate([QUERY], max_new_tokens=1, do_sample=True, temperature=temperature,
                                    copies=DRAWS, top_k=top_k, top_p=top_p)
     return Counter(stop if stop is not None else response[0] for response, stop in zip(gen.responses, gen.stop_tokens))
 

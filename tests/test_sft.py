@@ -200,7 +200,7 @@ def test_sharded_strategies_are_refused_before_any_compute() -> None:
 
     from search_r3.lightning_modules.adapter_training import refuse_sharded_strategy
 
-    from search_r3.model.errors import UserError
+    from search_r3.common.errors import UserError
 
     with pytest.raises(UserError, match=r"trains with DDP \(`trainer.strategy: ddp`\), not FSDP"):  # one line, exit 2
         refuse_sharded_strategy(FSDPStrategy())

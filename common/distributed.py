@@ -13,7 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from search_r3.datamodules.beir import world_and_rank  # noqa: F401  (re-exported: the one definition)
+
+def world_and_rank() -> tuple[int, int]:
+    """(processes, this process's rank) of ``torch.distributed``, or (1, 0) outside it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
 
 
 def gather_with_grad(x: Tensor) -> tuple[Tensor, list[int]]:
