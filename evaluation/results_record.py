@@ -19,6 +19,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from search_r3.common.digests import folder_digest
+
 REQUIRED_KEYS = (
     "retriever", "mode", "checkpoint", "dataset", "split", "nDCG@10", "R@100", "RR@10", "command", "wall_time_s",
 )
@@ -54,7 +56,7 @@ def record_rows(new_rows: Iterable[dict[str, Any]], path: str | Path = "docs/res
             rows = [r for r in rows if tuple(r.get(k) for k in _IDENTITY) != key] + [row]
         rows.sort(key=lambda r: (r["dataset"], r["split"], r["retriever"], str(r["mode"]), str(r["checkpoint"])))
         _replace(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
-        _replace(path.with_suffix(".md"), render_markdown(rows, source=path.name))
+        _replace(path.with_suffix(".md"), render_markdown(rows, source=path.name, root=path.resolve().parent.parent))
     return path
 
 
@@ -76,7 +78,8 @@ def _checkpoint(row: dict[str, Any]) -> str:
     if row.get("checkpoint") is None:
         return "–"
     digest = row.get("checkpoint_digest")
-    return row["checkpoint"] + (f" @{digest[:8]}" if digest else "")
+    note = f" ({row['note']})" if row.get("note") else ""  # what a reader must know about how it was trained
+    return row["checkpoint"] + (f" @{digest[:8]}" if digest else "") + note
 
 
 def mode_label(row: dict[str, Any]) -> str:
@@ -137,8 +140,25 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") -> str:
+def reproducible(row: dict[str, Any], root: Path) -> bool:
+    """A row a reader can re-score from the repository alone: its retriever needs no trained adapter, or its
+    adapter is committed (``checkpoints/``) with the content digest the row was scored with."""
+    checkpoint = row.get("checkpoint")
+    if not checkpoint:
+        return True
+    folder = root / checkpoint
+    if not checkpoint.startswith("checkpoints/") or not folder.is_dir():
+        return False
+    return row.get("checkpoint_digest") in (None, folder_digest(folder))
+
+
+def render_markdown(rows: list[dict[str, Any]], source: str = "results.json", root: Path | None = None) -> str:
+    """The page: the systems reproducible from the repository (``root``, default the working directory)
+    first, then the latest row of every other system, then every row ever recorded."""
     current = current_rows(rows)
+    root = root if root is not None else Path(".")
+    here = [r for r in current if reproducible(r, root)]
+    elsewhere = [r for r in current if not reproducible(r, root)]
     lines = [
         "# Measured retrieval results",
         "",
@@ -153,12 +173,21 @@ def render_markdown(rows: list[dict[str, Any]], source: str = "results.json") ->
         "A reasoning-mode row gives the mean length of its greedy analyses and the share of empty ones (the",
         "embed token written at once): with no analysis, reasoning mode is direct mode under another prompt.",
         "",
-        f"## Current results ({len(current)} systems)",
+        f"## Reproducible from this repository ({len(here)} systems)",
         "",
-        "The latest row of each system: one per dataset, split, retriever, mode, checkpoint digest, protocol",
-        "(queries and documents searched) and dtype. The same measurement made by several commands is shown once.",
+        "The latest row of each system that needs no trained adapter or whose adapter is committed under",
+        "`checkpoints/` with the digest it was scored with: its command re-scores it from a clone. One row per",
+        "dataset, split, retriever, mode, checkpoint digest, protocol (queries and documents searched) and dtype;",
+        "the same measurement made by several commands is shown once.",
         "",
-        *_table(current),
+        *_table(here),
+        "",
+        f"## Earlier systems ({len(elsewhere)} systems)",
+        "",
+        "The latest row of each system whose adapter is not in the repository (a `runs/` folder of an earlier",
+        "training run): a record of what was measured; retraining its recipe gives a new adapter and new numbers.",
+        "",
+        *_table(elsewhere),
         "",
         f"## Full history ({len(rows)} rows)",
         "",
