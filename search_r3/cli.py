@@ -140,6 +140,13 @@ class SearchR3CLI(LightningCLI):
         log.info("resuming MLflow run %s (from %s)", run_id, ckpt_path)
 
 
+# Every run is tracked in MLflow unless its config says otherwise: a recipe names its run
+# (``trainer.logger.init_args.run_name``) and inherits the rest; ``trainer.logger: false`` turns it off.
+DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.MLFlowLogger",
+                  "init_args": {"experiment_name": "search-r3", "tracking_uri": "sqlite:///mlflow.db",
+                                "log_model": False}}
+
+
 def run_cli(args: list[str] | None = None, run: bool = True) -> SearchR3CLI:
     """Build and run the CLI; returns it so tests can inspect the trainer and model. ``run=False``
     builds trainer, model and data from a config without a subcommand (benchmarks drive the trainer)."""
@@ -161,7 +168,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> SearchR3CLI:
         save_config_callback=MLflowSaveConfig,
         save_config_kwargs={"overwrite": True},
         # always on, whatever the YAML's callbacks: progress lines with an ETA when the log is a file
-        trainer_defaults={"callbacks": [TrainingProgress()]},
+        trainer_defaults={"callbacks": [TrainingProgress()], "logger": DEFAULT_LOGGER},
         # a config error raises (and main() prints it as one line) instead of printing the whole usage
         parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in SearchR3CLI.subcommands()}},
         args=args,
