@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
+from search_r3.model.sampling import sampling_log_softmax
+
 
 def info_nce_loss(queries: Tensor, documents: Tensor, positive_index: Tensor, tau: float = 0.05,
                   exclude: Tensor | None = None) -> Tensor:
@@ -72,22 +74,6 @@ class TokenScores:
     logp: Tensor
     kl: Tensor
     entropy: Tensor
-
-
-def sampling_log_softmax(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Log-probs of the distribution the sampler draws from: ``logits / temperature``, then, if asked,
-    top-k and top-p truncation renormalised, applied by transformers' own warpers in ``generate``'s
-    order (temperature, top-k, top-p), so the scored policy is exactly the sampled one. Tokens cut off
-    get ``-inf``."""
-    scores = logits.float() / temperature
-    if top_k or top_p < 1.0:
-        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-
-        if top_k:
-            scores = TopKLogitsWarper(top_k)(None, scores)
-        if top_p < 1.0:
-            scores = TopPLogitsWarper(top_p)(None, scores)
-    return F.log_softmax(scores, dim=-1)
 
 
 def chunked_token_scores(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor,

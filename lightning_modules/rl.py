@@ -55,7 +55,6 @@ from search_r3.lightning_modules.losses import (
     reference_token_logp,
 )
 from search_r3.model.embedding_lm import EmbeddingLM
-from search_r3.model.reasoning import Generated
 from search_r3.lightning_modules.rollout import Rollout, lay_out
 
 log = logging.getLogger(__name__)
@@ -232,24 +231,22 @@ class RLModule(AdapterTrainingModule):
     def rollout(self, queries: list[str], query_ids: list[str] | None = None) -> Rollout:
         """Sample G trajectories per query and lay them out for one training forward pass.
 
-        Each query's group is sampled from its own random stream, seeded by (``seed``, step, query id):
-        its rollouts then do not depend on which other queries share the batch or the rank, so a run on
-        N processes samples what one process samples for the same global batch, and a resumed run what the
-        uninterrupted one sampled. (One ``generate`` call per query, not per batch: the price of that.)
+        All queries of the batch and their G copies decode together (:mod:`search_r3.model.sampling`), each
+        row drawing from its own random stream, seeded by (``seed``, step, query id, copy): a rollout then
+        does not depend on which other queries share the batch or the rank, so a run on N processes samples
+        what one process samples for the same global batch, and a resumed run what the uninterrupted one
+        sampled.
 
         ``policy`` marks the positions whose token the policy chose (``targets`` holds it: the sampled
         token, or, where a failed trajectory's fix-up text starts, the stop token it sampled there)."""
         texts = [q for q in queries for _ in range(self.group_size)]
         ids_of = query_ids or queries
-        parts = []
-        for qid, query in zip(ids_of, queries):
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(_stream_seed(self.seed, self.global_step, str(qid)))
-                parts.append(self.encoder.reasoner.generate([query], copies=self.group_size,
-                                                            max_new_tokens=self.max_new_tokens, do_sample=True,
-                                                            temperature=self.temperature, top_p=self.top_p,
-                                                            top_k=self.top_k))
-        return lay_out(Generated.concat(parts), texts, self.encoder, self.min_reasoning_tokens)
+        seeds = [_stream_seed(self.seed, self.global_step, f"{qid}#{copy}")
+                 for qid in ids_of for copy in range(self.group_size)]
+        gen = self.encoder.reasoner.generate(queries, copies=self.group_size, max_new_tokens=self.max_new_tokens,
+                                             do_sample=True, temperature=self.temperature, top_p=self.top_p,
+                                             top_k=self.top_k, seeds=seeds)
+        return lay_out(gen, texts, self.encoder, self.min_reasoning_tokens)
 
     def _forward(self, r: Rollout) -> tuple[Tensor, Tensor, TokenScores]:
         """Embeddings [R, d], per-token log-probs [R, T] of the policy tokens at the sampling temperature

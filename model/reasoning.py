@@ -1,6 +1,6 @@
 """Reasoning mode: the model writes an analysis of the query, then the embed token.
 
-:class:`Reasoner` samples (or greedily decodes) the analysis with the key/value cache of the shared prompt,
+:class:`Reasoner` samples (or greedily decodes) the analysis (:mod:`search_r3.model.sampling`),
 fixes up the format where the model never wrote the embed token, measures what the analysis is, and reads
 the embedding from a re-forward of the whole sequence. It *returns* what it wrote (one
 :class:`ReasoningRecord` per query) instead of keeping a log on the model: an evaluation collects the
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from search_r3.model.analysis_measures import AnalysisMeasures, measure_analysis, strip_closing_tail, strip_templates
+from search_r3.model.sampling import decode, row_generators
 
 if TYPE_CHECKING:
     from search_r3.model.embedding_lm import EmbeddingLM
@@ -35,12 +36,6 @@ class Generated:
     stop_tokens: list[int | None]
     analysis_tokens: list[int]
     measures: list[AnalysisMeasures]  # what each analysis is (see search_r3.model.analysis_measures)
-
-    @classmethod
-    def concat(cls, parts: Sequence[Generated]) -> Generated:
-        """Rows of several generations, in order (one per query when each has its own random stream)."""
-        return cls(*(sum((getattr(p, f) for p in parts), []) for f in
-                     ("prompts", "responses", "missing", "stop_tokens", "analysis_tokens", "measures")))
 
 
 @dataclass(frozen=True)
@@ -131,24 +126,23 @@ class Reasoner:
         copies: int = 1,
         share_prefill: bool = True,
         top_k: int = 0,
+        seeds: Sequence[int] | None = None,
     ) -> Generated:
-        """Sample an analysis for each query, closed by the embed token (see :class:`Generated`).
+        """Write an analysis for each query (greedy, or sampled with ``do_sample``), closed by the embed
+        token (see :class:`Generated`). All queries and copies decode together in one loop
+        (:func:`~search_r3.model.sampling.decode`).
 
         Sampling draws from ``softmax(logits / temperature)`` over the whole vocabulary unless ``top_k``
-        (> 0) or ``top_p`` (< 1) truncates it. Both are set explicitly on every call, and every other
-        logits processor a checkpoint's ``generation_config`` may carry is switched off: transformers
-        reads an unset ``top_k`` as its default of 50, which would sample a distribution other than the
-        one RL scores (:func:`~search_r3.lightning_modules.losses.sampling_log_softmax` applies the same
-        truncation to the scored log-probs).
+        (> 0) or ``top_p`` (< 1) truncates it: :func:`~search_r3.model.sampling.sampling_log_softmax`, the
+        distribution the RL losses score. ``seeds`` (one per row) gives every row its own random stream,
+        so a row's tokens do not depend on the rows beside it; without them rows draw from torch's global
+        stream.
 
         ``copies`` samples each query that many times (rows ``i * copies ... (i + 1) * copies - 1``
-        belong to query ``i``), as GRPO's groups need. With ``share_prefill`` the prompts are run through
-        the model once and their key/value cache is repeated for the copies, instead of prefilling every
-        copy again: the sampled tokens are the same (the copies' prefill is the same computation), the
-        prompt's FLOPs are paid once per query instead of G times.
+        belong to query ``i``), as GRPO's groups need. With ``share_prefill`` each prompt is run through
+        the model once and its key/value cache repeated for the copies, instead of prefilling every copy
+        again: the same computation, the prompt's FLOPs paid once per query instead of G times.
         """
-        from transformers import GenerationConfig
-
         model, tokenizer = self.model, self.model.tokenizer
         if any(not t.strip() for t in texts):
             raise ValueError("reasoning mode got an empty query")
@@ -156,32 +150,15 @@ class Reasoner:
             raise ValueError(f"copies must be at least 1, got {copies}")
         unique = model.reasoning_prompt_ids(texts)
         prompts = [p for p in unique for _ in range(copies)]
-        ids, mask = model.pad(unique, side="left")
-        stops = [model.embed_token_id]
-        if tokenizer.eos_token_id is not None:
-            stops.append(tokenizer.eos_token_id)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens or model.max_reasoning_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            top_k=top_k if do_sample else None,  # 0: no truncation (None would mean transformers' 50)
-            min_p=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, repetition_penalty=None,
-            no_repeat_ngram_size=None, min_new_tokens=None,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        stops = {model.embed_token_id} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        ids, mask = model.pad(unique if share_prefill else prompts, side="left")
         with model.inference():
-            cache = None
-            if share_prefill and copies > 1 and ids.shape[1] > 1:
-                cache = self._prefill_cache(ids[:, :-1], mask[:, :-1])
-                cache.batch_repeat_interleave(copies)
-            ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
-            extra = {"cache": cache} if cache is not None else {}
-            generated = model.lm.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
-        new = generated[:, ids.shape[1] :].tolist()
+            generators = row_generators(seeds, ids.device) if seeds is not None and do_sample else None
+            new = decode(model.lm, ids, mask, copies if share_prefill else 1,
+                         max_new_tokens or model.max_reasoning_tokens, stops, tokenizer.pad_token_id,
+                         do_sample, temperature, top_k, top_p, generators)
         close_ids = self.close_ids
-        finished = [close_response(row, model.embed_token_id, set(stops) | {tokenizer.pad_token_id}, close_ids)
+        finished = [close_response(row, model.embed_token_id, stops | {tokenizer.pad_token_id}, close_ids)
                     for row in new]
         responses = [r for r, _, _ in finished]
         missing = [m for _, m, _ in finished]
@@ -192,12 +169,6 @@ class Reasoner:
         measures = [measure_analysis(w, q, self.count_tokens, model.prompts, capped=m and s is None)
                     for w, q, m, s in zip(written, queries, missing, stop_tokens)]
         return Generated(prompts, responses, missing, stop_tokens, [m.tokens for m in measures], measures)
-
-    def _prefill_cache(self, ids: Tensor, mask: Tensor) -> Any:
-        """The key/value cache of left-padded prompts, positioned as ``generate`` positions them (from
-        the attention mask), so that ``generate`` can continue from it with the prompts' last token."""
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.model.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).cache
 
     def reason(self, texts: Sequence[str], **generation: object) -> ReasoningOutput:
         """Generate, then re-forward the full sequence and read the embed token.

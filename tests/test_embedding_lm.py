@@ -148,9 +148,8 @@ def test_copies_of_a_prompt_share_one_prefill_and_sample_what_separate_prefills_
     assert shared.responses == separate.responses and shared.prompts == separate.prompts
     assert shared.prompts == [p for p in model.reasoning_prompt_ids(queries) for _ in range(copies)]
     width = max(len(p) for p in shared.prompts)  # left-padded prompt width
-    # the same decoding steps; only the prompt (all but its last token, which starts decoding) is saved,
-    # for every copy but one of each query
-    assert fed_separate - fed_shared == len(queries) * (width - 1) * (copies - 1)
+    # the same decoding steps; only the prompt is saved, for every copy but one of each query
+    assert fed_separate - fed_shared == len(queries) * width * (copies - 1)
     torch.manual_seed(7)
     greedy = model.reasoner.generate(queries, copies=copies)
     assert all(greedy.responses[i] == greedy.responses[i - i % copies] for i in range(len(greedy.responses)))

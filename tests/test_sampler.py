@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 import torch
 
-from search_r3.lightning_modules.losses import chunked_token_scores, sampling_log_softmax
+from search_r3.lightning_modules.losses import chunked_token_scores
+from search_r3.model.sampling import sampling_log_softmax
 
 QUERY = "who wrote Hamlet?"
 DRAWS = 6000
@@ -68,3 +69,26 @@ def test_truncated_sampling_is_scored_under_the_same_truncation(tiny_lm, top_k: 
     scores = chunked_token_scores(hidden, head, torch.tensor([token]), 1.0, top_k=top_k, top_p=top_p)
     torch.testing.assert_close(scores.logp.exp(), probs[token:token + 1])
     assert torch.isfinite(scores.entropy).all()
+
+
+def test_a_seeded_row_samples_the_same_tokens_alone_or_in_any_batch(tiny_lm_dir) -> None:
+    """Every query of an RL batch and its G copies decode together, each row from its own random stream:
+    a row's tokens must not depend on the rows beside it (fp32), or a rollout would change with the batch,
+    the rank or a resume. Drawing from one shared stream instead (as ``generate`` does) fails this."""
+    from search_r3.model.embedding_lm import EmbeddingLM
+
+    model = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", max_reasoning_tokens=8, show_progress=False)
+    queries = ["Who wrote Hamlet?", "vitamin D deficiency in elderly patients", "do statins cause diabetes"]
+    copies = 2
+    seeds = {q: [1000 * i + c for c in range(copies)] for i, q in enumerate(queries)}
+
+    def sample(batch: list[str]) -> list[list[int]]:
+        torch.manual_seed(123)  # the global stream, which seeded rows must not read
+        gen = model.reasoner.generate(batch, do_sample=True, temperature=1.3, copies=copies,
+                                      seeds=[s for q in batch for s in seeds[q]])
+        return gen.responses
+
+    alone = {q: sample([q]) for q in queries}
+    for batch in (queries, queries[::-1], queries[1:]):
+        assert sample(batch) == [row for q in batch for row in alone[q]], batch
+    assert len({tuple(r) for rows in alone.values() for r in rows}) > 1  # the streams differ

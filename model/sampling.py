@@ -1,0 +1,89 @@
+"""The one decode loop of reasoning mode: every query of a batch (and all G copies of each) decoded
+together, each sampled row drawing from its own random stream.
+
+Written here rather than through ``transformers``' ``generate`` because ``generate`` draws every row from
+one global stream: a row's tokens then depend on which other rows share its batch, so RL had to decode each
+query alone (one ``generate`` per query) to keep a query's rollouts the same on any rank, in any batch and
+after a resume. Here a row draws only from its own ``torch.Generator`` (seeded by the caller, e.g. from
+seed, step, query id and copy), so the whole batch decodes in one loop with the key/value cache and the
+prompt prefilled once per query, and a row's tokens do not depend on its neighbours (up to the numerics
+of batched kernels: exactly, in fp32, for the models tested). The distribution sampled is
+:func:`sampling_log_softmax`'s, the one the RL losses score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def sampling_log_softmax(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Log-probs of the distribution the sampler draws from: ``logits / temperature``, then, if asked,
+    top-k and top-p truncation renormalised, applied by transformers' own warpers in ``generate``'s
+    order (temperature, top-k, top-p), so the scored policy is exactly the sampled one. Tokens cut off
+    get ``-inf``."""
+    scores = logits.float() / temperature
+    if top_k or top_p < 1.0:
+        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(None, scores)
+        if top_p < 1.0:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+    return F.log_softmax(scores, dim=-1)
+
+
+def row_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
+    """One random stream per row, on the device the logits live on."""
+    return [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
+
+
+def decode(lm: nn.Module, ids: Tensor, mask: Tensor, copies: int, max_new_tokens: int, stop_ids: set[int],
+           pad_id: int, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generators: Sequence[torch.Generator] | None = None) -> list[list[int]]:
+    """New tokens per row (``len(ids) * copies`` rows, a prompt's copies consecutive), each ending with the
+    first stop token it wrote or at ``max_new_tokens``.
+
+    ``ids``/``mask``: the left-padded prompts, once each; they are prefilled once and their cache repeated
+    for the copies. Greedy unless ``do_sample``; sampled rows draw from ``generators[row]`` when given
+    (one per row), else from torch's global stream. Call under ``torch.no_grad()``."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, logits = out.cache, out.logits[:, -1]
+    if copies > 1:
+        cache.batch_repeat_interleave(copies)
+        logits, mask = logits.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
+    rows = logits.shape[0]
+    if generators is not None and len(generators) != rows:
+        raise ValueError(f"{len(generators)} random streams for {rows} rows")
+    next_position = mask.long().sum(-1, keepdim=True)
+    written: list[list[int]] = [[] for _ in range(rows)]
+    done = torch.zeros(rows, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        tokens = _pick(logits, do_sample, temperature, top_k, top_p, generators).cpu()
+        for r in (~done).nonzero().flatten().tolist():
+            written[r].append(int(tokens[r]))
+            done[r] = int(tokens[r]) in stop_ids
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        # a finished row keeps decoding pad tokens nobody reads: rows never attend to each other
+        tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens).to(ids.device)
+        mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+        out = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position, cache=cache,
+                 use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
+        next_position = next_position + 1
+    return written
+
+
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+          generators: Sequence[torch.Generator] | None) -> Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = sampling_log_softmax(logits, temperature, top_k, top_p).exp()
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(1)
+    return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])
