@@ -22,6 +22,25 @@ def world_and_rank() -> tuple[int, int]:
 
 
 
+def split_streams_by_rank() -> None:
+    """Give every rank but 0 its own global random streams (Python's, torch's CPU and CUDA ones).
+
+    The CLI seeds every process alike (``seed_everything``), which the model's initialisation needs, but
+    dropout masks drawn from identical streams on different data are correlated across ranks, not the
+    independent masks one process would draw for the global batch. Rank ``r > 0`` reseeds from a number
+    drawn from the stream all ranks share, plus ``r``: deterministic, different per rank, and rank 0 (so
+    a one-process run) is untouched. Nothing that must agree across ranks reads these streams: rollouts
+    and data order draw from their own seeded generators."""
+    import random
+
+    _, rank = world_and_rank()
+    if rank == 0:
+        return
+    seed = int(torch.randint(2**62, (1,)).item()) + rank
+    random.seed(seed)
+    torch.manual_seed(seed)  # the CUDA generators too
+
+
 def gather_with_grad(x: Tensor) -> tuple[Tensor, list[int]]:
     """Every rank's rows of ``x`` concatenated in rank order, and each rank's row count.
 

@@ -21,6 +21,7 @@ import torch
 from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, score_task
 from search_r3.evaluation.mlflow_runs import run_pointer
 from search_r3.model.embedding_lm import EmbeddingLM, Mode
+from search_r3.common.distributed import split_streams_by_rank
 from search_r3.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,14 @@ class AdapterTrainingModule(L.LightningModule):
         self.store = EmbeddingStore()
         self.best_ndcg = -math.inf
         self._saved_rng: dict[str, Any] | None = None
+        self._streams_ready = False  # random streams restored (resume) and split by rank, once per fit
         self.encoder.train()  # from_pretrained leaves the model in eval mode: LoRA dropout would be off
 
     def setup(self, stage: str) -> None:
         refuse_sharded_strategy(self.trainer.strategy)
+
+    def on_fit_start(self) -> None:
+        self._streams_ready = False
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -163,7 +168,8 @@ class AdapterTrainingModule(L.LightningModule):
         self._saved_rng = checkpoint.get("rng_states")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Resume the random streams where the checkpoint left them, right before the first resumed step.
+        """Resume the random streams where the checkpoint left them, right before the first resumed step,
+        then give every rank its own (:func:`~search_r3.common.distributed.split_streams_by_rank`).
 
         ``seed_everything`` restarts them at the seed, so a resumed run would draw other rollouts (RL)
         and other dropout masks than the uninterrupted one. Restoring here, after the data loaders
@@ -173,6 +179,10 @@ class AdapterTrainingModule(L.LightningModule):
         if self._saved_rng is not None:
             set_rng_states(self._saved_rng)
             self._saved_rng = None
+            self._streams_ready = False  # a checkpoint holds rank 0's streams: split them again
+        if not self._streams_ready:
+            split_streams_by_rank()
+            self._streams_ready = True
 
 
 def refuse_sharded_strategy(strategy: object) -> None:
