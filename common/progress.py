@@ -119,11 +119,12 @@ class EvaluationProgress(L.Callback):
     def __init__(self) -> None:
         self.line: ProgressLine | None = None
         self.done = 0
+        self.skipped = 0  # batches a resumed run already had (left out of the ETA)
 
     def _start(self, trainer: L.Trainer, totals: Any) -> None:
         total = sum(t for t in (totals if isinstance(totals, list) else [totals]) if t != float("inf"))
         self.line = None if sys.stderr.isatty() else ProgressLine("evaluate", int(total) or None)
-        self.done = 0
+        self.done = self.skipped = 0
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, trainer.num_test_batches)
@@ -133,6 +134,7 @@ class EvaluationProgress(L.Callback):
 
     def _step(self, skipped: bool = False) -> None:
         self.done += 1
+        self.skipped += skipped
         if self.line is not None:
             if skipped:  # a batch a resumed run already had: left out of the ETA
                 self.line.skip()

@@ -32,6 +32,9 @@ KEYS = {"mean reward": "train/reward_mean", "share ≥ 0.5": "train/reward_ge_0.
         "format failures": "train/format_failure_rate_step", "analysis tokens": "train/reasoning_tokens_step",
         "empty analyses": "train/empty_reasoning_rate_step", "zero-variance groups": "train/zero_variance_groups_step",
         "KL to Stage 1": "train/kl_step", "entropy": "train/entropy_step",
+        "copies the query": "train/copies_query_rate_step", "opens with the closing words": "train/begins_with_closing_rate_step",
+        "capped": "train/capped_rate_step", "beats direct": "train/beats_direct_rate_step",
+        "margin over direct": "train/margin_over_direct_step",
         "refresh s": "env/refresh_seconds", "re-encoded docs": "env/reencoded"}
 
 

@@ -311,10 +311,30 @@ def test_results_md_starts_with_one_current_row_per_system(tmp_path: Path) -> No
                  _row(command="c", num_docs=1000, date="2026-11-03")], path)
     md = path.with_suffix(".md").read_text()
     current, history = md.split("## Full history")
-    assert "## Current results (4 systems)" in current and "(5 rows)" in history
+    # the adapter "x" is not in the repository: its systems are listed as earlier ones
+    assert "## Reproducible from this repository (2 systems)" in current and "## Earlier systems (2 systems)" in current
+    assert "(5 rows)" in history
     assert "| 0.5500 |" in current and "`a`" not in current  # the later bm25 row of the same identity
     assert "@d1" in current and "@d2" in current and "1000 of 5183" in current
     assert "`a`" in history and "`b`" in history
+
+
+def test_results_md_opens_with_the_systems_a_clone_can_rescore(tmp_path: Path) -> None:
+    """An adapter committed under checkpoints/ with the digest its row names is reproducible; the same path
+    with another digest (a re-export or a retrained adapter) and a runs/ adapter are not."""
+    from search_r3.common.digests import folder_digest
+    from search_r3.evaluation.results_record import render_markdown
+
+    folder = tmp_path / "checkpoints" / "a"
+    folder.mkdir(parents=True)
+    (folder / "search_r3.json").write_text("{}")
+    digest = folder_digest(folder)
+    rows = [_row(retriever="kept", mode="direct", checkpoint="checkpoints/a", checkpoint_digest=digest),
+            _row(retriever="stale", mode="direct", checkpoint="checkpoints/a", checkpoint_digest="0" * 16),
+            _row(retriever="gone", mode="direct", checkpoint="runs/sft/adapter/best", checkpoint_digest=digest)]
+    here, rest = render_markdown(rows, root=tmp_path).split("## Earlier systems")
+    assert "| kept |" in here and "| bm25 |" not in here
+    assert "| stale |" in rest.split("## Full history")[0] and "| gone |" in rest.split("## Full history")[0]
 
 
 def test_reproduction_page_sets_each_claim_beside_its_record(tmp_path: Path) -> None:

@@ -71,10 +71,19 @@ def test_adapter_save_load_gives_identical_embeddings(tmp_path: Path) -> None:
     assert size_mb < 20, size_mb  # LoRA + one token row, not the 49k-row embedding matrix
     loaded = EmbeddingLM(adapter=str(tmp_path / "adapter"), show_progress=False, merge_adapter=False)
     torch.testing.assert_close(loaded.encode(QUERIES), before, atol=0, rtol=0)
-    # Merged for inference (the default without `lora`): the same embeddings up to the merge's rounding,
-    # which in bf16 is a few 1e-3 per weight, so compared by cosine.
+    # Merged for inference (the default without `lora`): the same function, rounded differently. In bf16
+    # both paths round (how much depends on the CPU's kernels: AMX rounds more than AVX512-BF16), so each
+    # is measured against the fp32 computation: merging must not move the embeddings further from it than
+    # bf16 already moves the unmerged model (a wrong merge moves them by far more; fp32 merges agree to
+    # 1e-5, tests/test_embedding_lm.py).
     merged = EmbeddingLM(adapter=str(tmp_path / "adapter"), show_progress=False).encode(QUERIES)
-    assert torch.nn.functional.cosine_similarity(merged, before, dim=-1).min() > 0.999
+    exact = EmbeddingLM(adapter=str(tmp_path / "adapter"), show_progress=False, dtype="float32",
+                        merge_adapter=False).encode(QUERIES)
+
+    def gap(embeddings: torch.Tensor) -> float:
+        return float(1 - torch.nn.functional.cosine_similarity(embeddings, exact, dim=-1).min())
+
+    assert gap(merged) <= 2 * gap(before) + 1e-4, (gap(merged), gap(before))
 
 
 def test_embedding_path_opens_no_socket(smollm2: EmbeddingLM, monkeypatch: pytest.MonkeyPatch) -> None:

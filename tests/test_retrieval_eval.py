@@ -11,8 +11,8 @@ import pytest
 from search_r3.datamodules.beir import BEIRDataModule
 from search_r3.evaluation.retrievers import EmbeddingLMRetriever
 from search_r3.model.embedding_lm import EmbeddingLM
-from search_r3.lightning_modules.retrieval_eval import ProgressLog, RetrievalEvalModule
-from search_r3.common.progress import ProgressLine
+from search_r3.lightning_modules.retrieval_eval import RetrievalEvalModule
+from search_r3.common.progress import EvaluationProgress, ProgressLine
 
 
 class _Killed(Exception):
@@ -64,7 +64,7 @@ def test_an_interrupted_run_resumes_the_corpus_where_it_stopped(tiny_lm_dir: Pat
     assert len(list((tmp_path / "cache").glob("*.partial-rank0.pt"))) == 1
     resumed, calls = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, partial_save_s=0, max_reasoning_tokens=4)
     assert sum(calls) == num_docs - 32  # only the batch the killed run had not reached
-    progress = next(c for c in resumed.trainer.callbacks if isinstance(c, ProgressLog))
+    progress = next(c for c in resumed.trainer.callbacks if isinstance(c, EvaluationProgress))
     assert progress.skipped == 2  # the two batches it already had cost nothing and stay out of the ETA
     assert [r.metrics for r in resumed.rows] == [r.metrics for r in straight.rows]
     assert list((tmp_path / "cache").glob("*.partial*")) == []  # the finished cache replaces the partial file
