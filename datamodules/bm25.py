@@ -59,7 +59,7 @@ class BM25Index:
         return target / "index"
 
     def _build(self, task: RetrievalTask, target: Path) -> None:
-        from search_r3.datamodules.java import boot_jvm
+        from search_r3.datamodules.java import in_jvm
 
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -70,15 +70,9 @@ class BM25Index:
                 for _, doc_id, text in iter_corpus(task.corpus_path, on_bad_row=task.on_bad_row):
                     if keep is None or doc_id in keep:
                         fh.write(json.dumps({"id": doc_id, "contents": text}, ensure_ascii=False) + "\n")
-            boot_jvm()
-            from jnius import autoclass
-
             log.info("building the BM25 index of %s (%d documents) in %s", task.name, task.num_docs, target)
             start = time.perf_counter()
-            autoclass("io.anserini.index.IndexCollection").main([
-                "-collection", "JsonCollection", "-input", str(tmp / "corpus"), "-index", str(tmp / "index"),
-                "-generator", "DefaultLuceneDocumentGenerator", "-threads", str(self.threads), "-storeRaw",
-            ])
+            in_jvm(build_lucene_index, str(tmp / "corpus"), str(tmp / "index"), self.threads)
             (tmp / "corpus" / "docs.jsonl").unlink()  # the index holds what search needs
             with open(self.index_dir / "builds.jsonl", "a", encoding="utf-8") as fh:  # one line per build
                 fh.write(json.dumps({"index": target.name, "documents": task.num_docs, "rank": world_and_rank()[1],
@@ -93,19 +87,37 @@ class BM25Index:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def search(self, task: RetrievalTask, k: int) -> dict[str, dict[str, float]]:
-        from search_r3.datamodules.java import boot_jvm
+        from search_r3.datamodules.java import in_jvm
 
         index = self.index_for(task)
-        boot_jvm()
-        from pyserini.search.lucene import LuceneSearcher
-
-        searcher = LuceneSearcher(str(index))
-        searcher.set_bm25(k1=self.k1, b=self.b)
         qids, texts = list(task.queries), list(task.queries.values())
-        hits = searcher.batch_search(texts, qids, k=k + 1, threads=self.threads)
+        hits = in_jvm(search_lucene_index, str(index), qids, texts, k + 1, self.k1, self.b, self.threads)
         run: dict[str, dict[str, float]] = {}
         for qid in qids:
-            ranked = [(h.docid, float(h.score)) for h in hits.get(qid, []) if h.docid != qid]  # BEIR: drop identical ids
+            ranked = [(d, s) for d, s in hits.get(qid, []) if d != qid]  # BEIR: drop identical ids
             run[qid] = dict(ranked[:k]) or {}
-        searcher.close()
         return run
+
+
+def build_lucene_index(corpus_dir: str, index_dir: str, threads: int) -> None:
+    """Anserini's indexer over a folder of ``{"id", "contents"}`` JSON lines (runs in the JVM helper)."""
+    from jnius import autoclass
+
+    autoclass("io.anserini.index.IndexCollection").main([
+        "-collection", "JsonCollection", "-input", corpus_dir, "-index", index_dir,
+        "-generator", "DefaultLuceneDocumentGenerator", "-threads", str(threads), "-storeRaw",
+    ])
+
+
+def search_lucene_index(index_dir: str, qids: list[str], texts: list[str], k: int, k1: float, b: float,
+                        threads: int) -> dict[str, list[tuple[str, float]]]:
+    """BM25 top-``k`` ``(doc_id, score)`` per query id, best first (runs in the JVM helper)."""
+    from pyserini.search.lucene import LuceneSearcher
+
+    searcher = LuceneSearcher(index_dir)
+    try:
+        searcher.set_bm25(k1=k1, b=b)
+        hits = searcher.batch_search(texts, qids, k=k, threads=threads)
+        return {qid: [(h.docid, float(h.score)) for h in hits.get(qid, [])] for qid in qids}
+    finally:
+        searcher.close()

@@ -59,8 +59,8 @@ def test_reasoning_mode_returns_text_and_embedding_at_the_token(smollm2: Embeddi
 
 
 def test_adapter_save_load_gives_identical_embeddings(tmp_path: Path) -> None:
+    torch.manual_seed(0)  # LoRA's A matrices are drawn at construction: the adapter must not depend on test order
     model = EmbeddingLM(lora=LoraSettings(), show_progress=False)
-    torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -71,19 +71,26 @@ def test_adapter_save_load_gives_identical_embeddings(tmp_path: Path) -> None:
     assert size_mb < 20, size_mb  # LoRA + one token row, not the 49k-row embedding matrix
     loaded = EmbeddingLM(adapter=str(tmp_path / "adapter"), show_progress=False, merge_adapter=False)
     torch.testing.assert_close(loaded.encode(QUERIES), before, atol=0, rtol=0)
-    # Merged for inference (the default without `lora`): the same function, rounded differently. In bf16
-    # both paths round (how much depends on the CPU's kernels: AMX rounds more than AVX512-BF16), so each
-    # is measured against the fp32 computation: merging must not move the embeddings further from it than
-    # bf16 already moves the unmerged model (a wrong merge moves them by far more; fp32 merges agree to
-    # 1e-5, tests/test_embedding_lm.py).
+    # Merged for inference (the default without `lora`). A bf16 merge stores W + BA rounded to bf16, a
+    # different set of weights: for some adapters that alone moves an embedding by a few 1e-3 in cosine, in
+    # fp32 arithmetic too. So the merged model is compared with what it should be, the fp32 merge rounded
+    # to bf16 once and run in fp32; what is left is bf16 arithmetic, which must stay within the rounding
+    # the unmerged model shows against fp32 (a wrong merge is off by far more; fp32 merges agree to 1e-5,
+    # tests/test_embedding_lm.py).
     merged = EmbeddingLM(adapter=str(tmp_path / "adapter"), show_progress=False).encode(QUERIES)
     exact = EmbeddingLM(adapter=str(tmp_path / "adapter"), show_progress=False, dtype="float32",
                         merge_adapter=False).encode(QUERIES)
+    stored = EmbeddingLM(adapter=str(tmp_path / "adapter"), show_progress=False, dtype="float32")
+    with torch.no_grad():
+        for p in stored.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    rounded_merge = stored.encode(QUERIES)
 
-    def gap(embeddings: torch.Tensor) -> float:
-        return float(1 - torch.nn.functional.cosine_similarity(embeddings, exact, dim=-1).min())
+    def gap(embeddings: torch.Tensor, reference: torch.Tensor) -> float:
+        return float(1 - torch.nn.functional.cosine_similarity(embeddings.float(), reference, dim=-1).min())
 
-    assert gap(merged) <= 2 * gap(before) + 1e-4, (gap(merged), gap(before))
+    arithmetic = gap(before, exact)
+    assert gap(merged, rounded_merge) <= 2 * arithmetic + 1e-4, (gap(merged, rounded_merge), arithmetic)
 
 
 def test_embedding_path_opens_no_socket(smollm2: EmbeddingLM, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,6 +39,10 @@ def test_bm25_ranks_real_scifact_subset_and_reuses_its_index(mini_scifact: Path,
     capped = _task(mini_scifact.parent, max_corpus_docs=len(task.doc_ids) - 5)
     bm25.search(capped, k=10)
     assert not bm25.last_index_reused  # another document selection: another index
+    # Lucene ran in its helper process: no JVM was loaded into this one, which runs torch
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert "libjvm" not in maps.read_text()
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare")
