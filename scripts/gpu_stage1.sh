@@ -52,10 +52,10 @@ fit() {  # $1: run name, then the configs
 }
 
 pids=()
-fit sft-gpu --config configs/sft-gpu.yaml & pids+=($!)
-fit sft-gpu-attn --config configs/sft-gpu.yaml --config configs/ablations/sft-gpu-attn.yaml & pids+=($!)
-fit sft-gpu-mixed --config configs/sft-gpu.yaml --config configs/ablations/sft-gpu-mixed.yaml & pids+=($!)
-fit sft-gpu-nfcorpus --config configs/sft-gpu.yaml --config configs/sft-gpu-nfcorpus.yaml & pids+=($!)
+fit sft-gpu --config configs/sft.yaml --config configs/sft-gpu.yaml & pids+=($!)
+fit sft-gpu-attn --config configs/sft.yaml --config configs/sft-gpu.yaml --config configs/ablations/sft-gpu-attn.yaml & pids+=($!)
+fit sft-gpu-mixed --config configs/sft.yaml --config configs/sft-gpu.yaml --config configs/ablations/sft-gpu-mixed.yaml & pids+=($!)
+fit sft-gpu-nfcorpus --config configs/sft.yaml --config configs/sft-gpu.yaml --config configs/sft-gpu-nfcorpus.yaml & pids+=($!)
 fit sft --config configs/sft.yaml & pids+=($!)
 wait "${pids[@]}"
 echo "fits: $(( $(stamp) - t0 )) s" | tee -a "$OUT_DIR/times.txt"

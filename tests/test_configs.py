@@ -34,13 +34,14 @@ RECIPES: list[tuple[str, list[str]]] = [
     ("test", ["configs/rl-claim-table.yaml"]),
     ("test", ["configs/rl-claim-table.yaml", "configs/ablations/rl-pure-grpo-table.yaml"]),
     ("test", ["configs/rl-claim-table.yaml", "configs/ablations/rl-min-reasoning-table.yaml"]),
+    ("test", ["configs/reproduce/stage2.yaml"]),
     ("fit", ["configs/sft.yaml"]),
     ("fit", ["configs/sft.yaml", "configs/sft-nfcorpus.yaml"]),
     ("fit", ["configs/sft.yaml", "configs/ablations/sft-kl0.1.yaml"]),
-    ("fit", ["configs/sft-gpu.yaml"]),
-    ("fit", ["configs/sft-gpu.yaml", "configs/ablations/sft-gpu-attn.yaml"]),
-    ("fit", ["configs/sft-gpu.yaml", "configs/ablations/sft-gpu-mixed.yaml"]),
-    ("fit", ["configs/sft-gpu.yaml", "configs/sft-gpu-nfcorpus.yaml"]),
+    ("fit", ["configs/sft.yaml", "configs/sft-gpu.yaml"]),
+    ("fit", ["configs/sft.yaml", "configs/sft-gpu.yaml", "configs/ablations/sft-gpu-attn.yaml"]),
+    ("fit", ["configs/sft.yaml", "configs/sft-gpu.yaml", "configs/ablations/sft-gpu-mixed.yaml"]),
+    ("fit", ["configs/sft.yaml", "configs/sft-gpu.yaml", "configs/sft-gpu-nfcorpus.yaml"]),
     ("fit", ["configs/rl.yaml"]),
     ("fit", ["configs/rl.yaml", "configs/rl-claim.yaml"]),
     ("fit", ["configs/rl.yaml", "configs/rl-claim.yaml", "configs/ablations/rl-pure-grpo.yaml"]),
@@ -127,3 +128,15 @@ def test_every_adapter_a_config_reads_is_committed_or_written_by_a_recipe(tmp_pa
     stray = tmp_path / "stray.yaml"  # the check itself: an adapter nothing here produces is caught
     stray.write_text("model: {init_args: {encoder: {init_args: {adapter: runs/nowhere/adapter/best}}}}\n")
     assert adapters_without_a_source([*files, stray]) != []
+
+
+@pytest.mark.parametrize("table", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs" / "reproduce").glob("*.yaml")))
+def test_a_reproduce_table_reads_only_committed_adapters(table: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``configs/reproduce/`` re-scores recorded rows on a fresh clone: every adapter it resolves to
+    (through its retriever fragments) is a folder under ``checkpoints/`` that is in the repository."""
+    code, printed = _print_config("test", [table], monkeypatch)
+    assert code == 0
+    adapters = _values(yaml.safe_load(printed), "adapter")
+    assert adapters, "a reproduce table with no trained adapter belongs elsewhere"
+    for adapter in adapters:
+        assert adapter.startswith("checkpoints/") and (ROOT / adapter / "search_r3.json").is_file(), adapter
