@@ -94,8 +94,10 @@ class StepProbe(L.Callback):
             self.peak = torch.cuda.max_memory_allocated()
 
 
-def _variants(quick: bool, rl_tokens: int) -> dict[str, list[str]]:
-    """CLI arguments per variant: the shipped recipes with small caps."""
+def _variants(quick: bool, rl_tokens: int, base_model: str | None = None) -> dict[str, list[str]]:
+    """CLI arguments per variant: the shipped recipes with small caps; with ``base_model`` (a model folder,
+    e.g. ``benchmarks/paper_shape.py``'s), on that model, Stage 2 from no adapter (the committed Stage-1
+    adapter only fits SmolLM2)."""
     steps = "3" if quick else "4"
     common = ["--trainer.max_steps", steps, "--trainer.val_check_interval", "1000", "--trainer.logger", "false",
               "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
@@ -112,6 +114,10 @@ def _variants(quick: bool, rl_tokens: int) -> dict[str, list[str]]:
           "--data.init_args.max_corpus_docs", "16" if quick else "64", "--data.init_args.max_queries", "8",
           "--data.init_args.val_queries", "4", "--data.init_args.val_corpus_docs", "8",
           "--model.init_args.adapter_dir", "runs/bench-memory/rl"]
+    if base_model:
+        on_base = ["--model.init_args.encoder.init_args.base_model", base_model]
+        sft += on_base
+        rl += on_base + ["--model.init_args.encoder.init_args.adapter", "null"]
     if quick:
         sft += ["--data.init_args.batch_size", "4"]
     gc = "--model.init_args.encoder.init_args.gradient_checkpointing"
@@ -193,18 +199,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: rehearse the script")
     parser.add_argument("--rl-tokens", type=int, default=128, help="reasoning tokens per Stage-2 rollout")
+    parser.add_argument("--base-model", help="a model folder to measure instead of SmolLM2 (no projection then): "
+                        "benchmarks/paper_shape.py writes one with Qwen2.5-1.5B's shape")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", help="run these variants only")
     opts = parser.parse_args()
     rl_tokens = 16 if opts.quick else opts.rl_tokens
-    variants = _variants(opts.quick, rl_tokens)
+    variants = _variants(opts.quick, rl_tokens, opts.base_model)
     if opts.variant:
         print("RESULT " + json.dumps(run_variant(variants[opts.variant])), flush=True)
         return
     measured: dict[str, dict[str, Any]] = {}
     for name in opts.only or variants:
         start = time.perf_counter()
-        cmd = [sys.executable, __file__, "--variant", name, "--rl-tokens", str(rl_tokens)] + (["--quick"] if opts.quick else [])
+        cmd = [sys.executable, __file__, "--variant", name, "--rl-tokens", str(rl_tokens)] + (["--quick"] if opts.quick else []) \
+            + (["--base-model", opts.base_model] if opts.base_model else [])
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if done.returncode or not lines:
@@ -213,11 +222,13 @@ def main() -> None:
         print(name, json.dumps({k: measured[name][k] for k in ("step_seconds_median", "peak_bytes_above_setup")}),
               flush=True)
     result = {
-        "command": "python benchmarks/memory.py" + (" --quick" if opts.quick else ""),
+        "command": "python " + " ".join(["benchmarks/memory.py", *sys.argv[1:]]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__, "rl_reasoning_tokens": rl_tokens, "variants": measured,
     }
-    if not opts.quick:
+    if opts.base_model:
+        result["base_model"] = opts.base_model
+    if not opts.quick and not opts.base_model:
         paper = ROOT / "configs" / "paper"
         scales = {
             "stage1": _tokens_per_step(paper / "qwen2.5-1.5b-sft.yaml") / _tokens_per_step(ROOT / "configs" / "sft.yaml"),
@@ -225,7 +236,8 @@ def main() -> None:
                 ROOT / "configs" / "rl.yaml", {"encoder": {"max_reasoning_tokens": rl_tokens}, "model": {"group_size": 8}}),
         }
         result["projection_qwen2.5_1.5b"] = project(measured, scales)
-    out = ROOT / "benchmarks" / "results" / ("memory_quick.json" if opts.quick else "memory.json")
+    name = "memory_paper_shape" if opts.base_model else "memory"
+    out = ROOT / "benchmarks" / "results" / (f"{name}_quick.json" if opts.quick else f"{name}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -45,7 +45,8 @@ def decode(lm: nn.Module, ids: Tensor, mask: Tensor, copies: int, max_new_tokens
            pad_id: int, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generators: Sequence[torch.Generator] | None = None) -> list[list[int]]:
     """New tokens per row (``len(ids) * copies`` rows, a prompt's copies consecutive), each ending with the
-    first stop token it wrote or at ``max_new_tokens``.
+    first stop token it wrote or at ``max_new_tokens``. Rows that have stopped leave the batch (once an
+    eighth of it has), so the cost follows the live rows, not the longest one.
 
     ``ids``/``mask``: the left-padded prompts, once each; they are prefilled once and their cache repeated
     for the copies. Greedy unless ``do_sample``; sampled rows draw from ``generators[row]`` when given
@@ -62,16 +63,29 @@ def decode(lm: nn.Module, ids: Tensor, mask: Tensor, copies: int, max_new_tokens
     next_position = mask.long().sum(-1, keepdim=True)
     written: list[list[int]] = [[] for _ in range(rows)]
     done = torch.zeros(rows, dtype=torch.bool)
+    alive = torch.arange(rows)  # the original row of each row still in the batch
+    streams = list(generators) if generators is not None else None
     for step in range(max_new_tokens):
-        tokens = _pick(logits, do_sample, temperature, top_k, top_p, generators).cpu()
-        for r in (~done).nonzero().flatten().tolist():
-            written[r].append(int(tokens[r]))
-            done[r] = int(tokens[r]) in stop_ids
-        if bool(done.all()) or step == max_new_tokens - 1:
+        tokens = _pick(logits, do_sample, temperature, top_k, top_p, streams).cpu()
+        for i, r in enumerate(alive.tolist()):
+            if not done[r]:
+                written[r].append(int(tokens[i]))
+                done[r] = int(tokens[i]) in stop_ids
+        live = ~done[alive]
+        if not bool(live.any()) or step == max_new_tokens - 1:
             break
-        # a finished row keeps decoding pad tokens nobody reads: rows never attend to each other
-        tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens).to(ids.device)
-        mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+        if int((~live).sum()) >= max(1, len(alive) // 8):
+            # Drop finished rows from the batch (and their cache): at RL scale most rows stop well before
+            # the cap, and decoding them on as padding would cost as much as the live ones. Not on every
+            # finished row, as each drop copies the cache once.
+            keep = live.nonzero().flatten()
+            cache.batch_select_indices(keep.to(ids.device))
+            mask, next_position, tokens = mask[keep.to(mask.device)], next_position[keep.to(mask.device)], tokens[keep]
+            alive, live = alive[keep], live[keep]
+            streams = [streams[i] for i in keep.tolist()] if streams is not None else None
+        # a finished row still in the batch decodes pad tokens nobody reads: rows never attend to each other
+        tokens = torch.where(live, tokens, torch.full_like(tokens, pad_id)).to(ids.device)
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         out = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position, cache=cache,
                  use_cache=True)
         cache, logits = out.cache, out.logits[:, -1]

@@ -92,3 +92,34 @@ def test_a_seeded_row_samples_the_same_tokens_alone_or_in_any_batch(tiny_lm_dir)
     for batch in (queries, queries[::-1], queries[1:]):
         assert sample(batch) == [row for q in batch for row in alone[q]], batch
     assert len({tuple(r) for rows in alone.values() for r in rows}) > 1  # the streams differ
+
+
+def test_finished_rows_leave_the_batch_without_changing_the_others(tiny_lm_dir) -> None:
+    """Rows that stop are dropped from the decode batch (and its cache): fewer rows are forwarded, and
+    every row's tokens are still exactly those it samples alone (fp32). Keeping finished rows in the batch
+    forwards ``rows x longest`` rows and fails the count."""
+    from search_r3.model.embedding_lm import EmbeddingLM
+    from search_r3.model.sampling import decode, row_generators
+
+    model = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False)
+    ids, mask = model.pad(model.reasoning_prompt_ids(["Who wrote Hamlet?", "do statins cause diabetes"]), side="left")
+    copies, steps = 4, 12
+    stops = set(range(0, model.tokenizer.vocab_size, 9))  # about one token in nine stops a row: rows end at various steps
+    seeds = list(range(2 * copies))
+    forwarded: list[int] = []
+    hook = model.lm.register_forward_pre_hook(lambda _m, _a, kw: forwarded.append(kw["input_ids"].shape[0]),
+                                              with_kwargs=True)
+    with torch.no_grad():
+        together = decode(model.lm, ids, mask, copies, steps, stops, model.tokenizer.pad_token_id, do_sample=True,
+                          temperature=1.5, generators=row_generators(seeds, ids.device))
+        decode_rows = sum(forwarded[1:])  # after the prefill
+        hook.remove()
+        alone = [decode(model.lm, ids[q : q + 1], mask[q : q + 1], 1, steps, stops, model.tokenizer.pad_token_id,
+                        do_sample=True, temperature=1.5, generators=row_generators([seeds[q * copies + c]], ids.device))[0]
+                 for q in range(2) for c in range(copies)]
+    assert together == alone
+    lengths = [len(r) for r in together]
+    assert min(lengths) < max(lengths)  # rows did end at different steps
+    # a row is forwarded once after each token it writes but its last: with 8 rows, one finished row is
+    # enough to compact, so the count is exact
+    assert decode_rows == sum(n - 1 for n in lengths), (decode_rows, lengths)
