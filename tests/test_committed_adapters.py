@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUERY = "Vitamin D deficiency raises the risk of fractures."
 EMBEDDING_HEADS = {
     "checkpoints/smollm2-rl-direct-baseline-cpu": [-0.0030, 0.0355, 0.0591, 0.0292, 0.0419, 0.0296],
+    "checkpoints/smollm2-rl-direct-baseline-drgrpo-cpu": [0.0002, 0.0339, 0.0552, 0.0262, 0.0434, 0.0285],
     "checkpoints/smollm2-rl-default-cpu": [-0.0093, 0.0368, 0.0616, 0.0311, 0.0456, 0.0263],
     "checkpoints/smollm2-sft-cpu": [0.0132, 0.0130, 0.0488, 0.0321, 0.0435, 0.0268],
     "checkpoints/smollm2-rl-claim-cpu": [-0.0082, 0.0400, 0.0584, 0.0316, 0.0414, 0.0291],
