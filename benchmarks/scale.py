@@ -71,7 +71,7 @@ def main() -> None:
     tokens = sum(len(r) for r in rows["batched"])
     medians = {k: statistics.median(v) for k, v in times.items()}
     section = {
-        "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/scale.py", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "device": "cpu", "dtype": str(model.lm.dtype), "torch": torch.__version__},

@@ -8,8 +8,18 @@ encoded at the current model version, optionally plus their nearest neighbours, 
 refresh every N steps or when the drift measured on the refreshed documents passes a threshold.
 Each document keeps the version (training step) it was encoded at.
 
-Under DDP there is one environment, replicated: the documents any rank's rollouts touched are re-encoded
-once, split across ranks, and every rank ends each step with identical vectors and versions.
+Under DDP the environment is either replicated (default) or sharded (``shard=True``). Replicated: every
+rank holds every vector; the documents any rank's rollouts touched are re-encoded once, split across
+ranks, and every rank ends each step with identical vectors and versions. Sharded: rank r owns one
+contiguous block of the corpus (its vectors, versions and index); a search is a local top-k on every
+rank merged from k candidates per query and rank (:func:`~search_r3.common.distributed.sharded_topk`);
+a refresh re-encodes each touched document on its owner; the vectors a reward needs are summed from
+their owners. Both give the same rewards (the sharded path reads the same stored values and scores them
+with the same operation); the sharded one holds 1/N of the vectors per rank. Under DDP every public
+method except ``positions`` is a collective: all ranks call it, in the same order.
+
+``storage_dtype`` (float32 default; bfloat16 / float16 halve the memory) is how vectors are stored;
+scores are always computed in float32 from the stored values.
 """
 
 from __future__ import annotations
@@ -26,7 +36,9 @@ from torch import Tensor
 
 from search_r3.environment.index import ExactIndex, VectorIndex
 from search_r3.environment.rewards import RewardKind, dcg_reward
-from search_r3.common.distributed import encode_sharded, union_over_ranks
+from search_r3.common.distributed import (encode_sharded, gather_objects, gather_padded, own_rows, shard_range,
+                                          sharded_topk, sum_over_ranks, sum_tensor_over_ranks, union_over_ranks,
+                                          world_and_rank)
 from search_r3.common.search import exact_topk
 
 Encoder = Callable[[list[str]], Tensor]  # texts -> unit-norm embeddings (direct mode, no grad)
@@ -109,10 +121,17 @@ class RetrievalEnvironment:
         policy: the refresh policy.
         index: search back end (exact by default; ``HNSWIndex`` for larger corpora).
         doc_ids: optional ids of the documents, for ``positions``.
+        shard: under DDP, each rank keeps only its block of the corpus (see the module docstring); a corpus
+            with fewer documents than ranks stays replicated.
+        storage_dtype: dtype of the stored vectors (scores are float32 either way).
+
+    ``vectors`` and ``versions`` hold this rank's block (positions ``owned``): the whole corpus unless
+    sharded under DDP.
     """
 
     def __init__(self, texts: Sequence[str], encoder: Encoder, policy: RefreshPolicy | None = None,
-                 index: VectorIndex | None = None, doc_ids: Sequence[str] | None = None) -> None:
+                 index: VectorIndex | None = None, doc_ids: Sequence[str] | None = None, shard: bool = False,
+                 storage_dtype: torch.dtype = torch.float32) -> None:
         if not texts:
             raise ValueError("the environment needs at least one document")
         if doc_ids is not None and len(doc_ids) != len(texts):
@@ -123,8 +142,13 @@ class RetrievalEnvironment:
         self.index = index or ExactIndex()
         self.doc_ids = list(doc_ids) if doc_ids is not None else None
         self._position = {d: i for i, d in enumerate(self.doc_ids)} if self.doc_ids else {}
+        world = world_and_rank()[0]
+        # Fewer documents than ranks would leave a rank an empty block: such a corpus is kept replicated.
+        self.shard = shard and 1 < world <= len(self.texts)
+        self.owned = shard_range(len(self.texts)) if self.shard else range(len(self.texts))
+        self.storage_dtype = storage_dtype
         self.vectors: Tensor | None = None
-        self.versions = torch.full((len(self.texts),), -1, dtype=torch.long)
+        self.versions = torch.full((len(self.owned),), -1, dtype=torch.long)
         self.step = 0
         self.history: list[RefreshStats] = []
         self._digest: str | None = None
@@ -160,8 +184,11 @@ class RetrievalEnvironment:
         Re-encoding the corpus on resume would hand the resumed run *fresh* vectors where the
         uninterrupted one had stale ones, so rewards (and the training) would differ from there on.
         """
-        return {"vectors": self._require().clone(), "versions": self.versions.clone(), "step": self.step,
-                "corpus": self.corpus_digest()}
+        vectors, versions = self._require().clone(), self.versions.clone()
+        if self.shard:  # one format for both layouts (and any world size): the blocks in corpus order
+            blocks = gather_objects((vectors, versions))
+            vectors, versions = torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
+        return {"vectors": vectors, "versions": versions, "step": self.step, "corpus": self.corpus_digest()}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Restore a :meth:`state_dict` and rebuild the index from its vectors.
@@ -172,9 +199,9 @@ class RetrievalEnvironment:
         if state.get("corpus") != self.corpus_digest():
             raise ValueError("the saved environment was encoded from another corpus "
                              f"({state.get('corpus')} != {self.corpus_digest()}): it cannot be restored here")
-        vectors = torch.as_tensor(state["vectors"]).float().cpu()
-        self.vectors = vectors.clone()
-        self.versions = torch.as_tensor(state["versions"], dtype=torch.long).clone()
+        block = slice(self.owned.start, self.owned.stop)
+        self.vectors = torch.as_tensor(state["vectors"])[block].to("cpu", self.storage_dtype).clone()
+        self.versions = torch.as_tensor(state["versions"], dtype=torch.long)[block].clone()
         self.step = int(state["step"])  # type: ignore[arg-type]
         self.index.reset(self.vectors)
 
@@ -182,13 +209,14 @@ class RetrievalEnvironment:
     def full_refresh(self) -> RefreshStats:
         """Encode every document with the current weights and rebuild the index."""
         start = time.perf_counter()
-        self.vectors = self._encode(range(len(self.texts)))
+        self.vectors = self._encode(self.owned).to(self.storage_dtype)
         self.versions.fill_(self.step)
         self.index.reset(self.vectors)
         return self._record(len(self.texts), time.perf_counter() - start, full=True)
 
     def refresh(self, indices: Tensor | Sequence[int]) -> RefreshStats:
-        """Re-encode ``indices`` with the current weights; those already at this version are skipped."""
+        """Re-encode ``indices`` with the current weights; those already at this version are skipped.
+        Under DDP every rank passes the same ``indices``."""
         self._require()
         idx = torch.as_tensor(indices, dtype=torch.long).unique()
         if idx.numel() and (idx.min() < 0 or idx.max() >= len(self.texts)):
@@ -200,19 +228,19 @@ class RetrievalEnvironment:
         """Selective refresh for one RL step: what these rollout embeddings touch, per the policy."""
         self._require()
         every = self.policy.full_refresh_every
-        if every and self.step % every == 0 and self.versions.min() < self.step:
+        if every and self.step % every == 0 and self._oldest_version() < self.step:
             return self.full_refresh()
-        _, top = self.index.search(queries, self.policy.top_l)
+        _, top = self.search(queries, self.policy.top_l)
         touched = [top.flatten()]
         if self.policy.include_positives:
             touched += [torch.as_tensor(list(p), dtype=torch.long) for p in positives if len(p)]
         idx = union_over_ranks(torch.cat(touched))  # under DDP: what any rank's rollouts touched
         if self.policy.neighbours:
-            _, near = self.index.search(self.vectors[idx], self.policy.neighbours + 1)
+            _, near = self.search(self.vectors_at(idx[None])[0], self.policy.neighbours + 1)
             idx = torch.cat([idx, near.flatten()]).unique()
         n, seconds, drift_sum = self._reencode(idx)
         for _ in range(self.policy.settle_rounds):
-            _, top = self.index.search(queries, self.policy.top_l)
+            _, top = self.search(queries, self.policy.top_l)
             dn, ds, dd = self._reencode(union_over_ranks(top.flatten()))
             n, seconds, drift_sum = n + dn, seconds + ds, drift_sum + dd
             if not dn:
@@ -230,8 +258,24 @@ class RetrievalEnvironment:
 
     # ------------------------------------------------------------------ search and reward
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-``k`` ``(scores, positions)`` of ``queries`` over the whole corpus (all blocks when sharded)."""
         self._require()
-        return self.index.search(queries, k)
+        return self._search(queries, k, self.index.search)
+
+    def vectors_at(self, indices: Tensor) -> Tensor:
+        """The stored vectors at ``indices`` ``[R, C]`` (global positions), as float32 ``[R, C, D]``.
+
+        Sharded, each owner fills the entries it holds into every rank's rows and the rows are summed over
+        ranks: a value plus zeros is that value, so the result equals the replicated lookup bit for bit."""
+        vectors = self._require()
+        if not self.shard:
+            return vectors[indices].float()
+        rows, sizes = gather_padded(indices, 0)
+        local = rows - self.owned.start
+        mine = (local >= 0) & (local < len(self.owned))
+        out = torch.zeros((*rows.shape, vectors.shape[1]), dtype=torch.float32)
+        out[mine] = vectors[local[mine]].float()
+        return own_rows(sum_tensor_over_ranks(out), sizes)[:, : indices.shape[1]]
 
     def candidates(self, queries: Tensor, positives: Sequence[Sequence[int]], depth: int | None = None
                    ) -> tuple[Tensor, Tensor, Tensor]:
@@ -243,7 +287,7 @@ class RetrievalEnvironment:
         self._require()
         if len(positives) != queries.shape[0]:
             raise ValueError(f"{len(positives)} positive lists for {queries.shape[0]} queries")
-        _, top = self.index.search(queries, depth or self.policy.top_l)
+        _, top = self.search(queries, depth or self.policy.top_l)
         pos = [torch.as_tensor(list(p), dtype=torch.long) for p in positives]
         sets = [torch.cat([t, p]).unique() for t, p in zip(top, pos)]
         width = max(c.numel() for c in sets)
@@ -266,7 +310,7 @@ class RetrievalEnvironment:
         """
         indices, ok, relevant = self.candidates(queries, positives, max(self.policy.top_l, k))
         q = queries.detach().float().cpu()
-        scores = torch.einsum("rcd,rd->rc", self.vectors[indices], q).masked_fill(~ok, float("-inf"))
+        scores = torch.einsum("rcd,rd->rc", self.vectors_at(indices), q).masked_fill(~ok, float("-inf"))
         out = dcg_reward(scores, relevant & ok, k=k, kind=kind)
         if valid is not None:
             out = torch.where(valid.cpu().bool(), out, torch.full_like(out, failure_reward))
@@ -278,18 +322,19 @@ class RetrievalEnvironment:
 
         This encodes the whole corpus (unless the caller already has current vectors: ``fresh``), so
         run it every K steps, not every step; the fresh vectors are discarded so the probe does not
-        change what training sees.
+        change what training sees. ``fresh`` holds this rank's block (``owned``) of the current vectors.
         """
         self._require()
         start = time.perf_counter()
-        fresh = self._encode(range(len(self.texts))) if fresh is None else fresh.float().cpu()
+        fresh = self._encode(self.owned) if fresh is None else fresh.float().cpu()
         q = queries.detach().float().cpu()
-        _, stale_top = self.index.search(q, k)
-        fresh_scores, fresh_top = exact_topk(q, fresh, k)
+        _, stale_top = self.search(q, k)
+        fresh_scores, fresh_top = self._search(q, k, lambda qq, kk: exact_topk(qq, fresh, kk))
+        stale_vectors = self.vectors_at(fresh_top)
         overlap = [len(set(a.tolist()) & set(b.tolist())) / fresh_top.shape[1] for a, b in zip(stale_top, fresh_top)]
         taus = []
         for r in range(q.shape[0]):
-            stale_scores = self.vectors[fresh_top[r]] @ q[r]
+            stale_scores = stale_vectors[r] @ q[r]
             tau = kendalltau(stale_scores.numpy(), fresh_scores[r].numpy()).statistic
             if tau == tau:  # NaN when a score vector is constant
                 taus.append(float(tau))
@@ -299,29 +344,60 @@ class RetrievalEnvironment:
         return probe
 
     def staleness(self) -> dict[int, int]:
-        """Histogram: steps since encoding -> number of documents."""
-        return dict(sorted(Counter((self.step - self.versions).tolist()).items()))
+        """Histogram over the whole corpus: steps since encoding -> number of documents."""
+        counts = Counter((self.step - self.versions).tolist())
+        if self.shard:
+            counts = sum(gather_objects(counts), Counter())
+        return dict(sorted(counts.items()))
+
+    def vector_bytes(self) -> int:
+        """Bytes this rank holds for document vectors and their versions (the exact index shares the store)."""
+        return (self.vectors.nbytes if self.vectors is not None else 0) + self.versions.nbytes
 
     # ------------------------------------------------------------------ internals
     def _encode(self, positions: Sequence[int] | range) -> Tensor:
-        """Under DDP every rank asks for the same positions (unions, whole corpus); each encodes a share
-        and all end with the same vectors (:func:`encode_sharded`)."""
-        return encode_sharded(list(positions),
-                              lambda share: self.encoder([self.texts[i] for i in share]).detach().float().cpu())
+        """Float32 vectors of ``positions``. Replicated, every rank asks for the same positions (unions,
+        whole corpus); each encodes a share and all end with the same vectors (:func:`encode_sharded`).
+        Sharded, a rank asks only for positions it owns and encodes them itself."""
+        def encode(share: Sequence[int]) -> Tensor:
+            return self.encoder([self.texts[i] for i in share]).detach().float().cpu()
+
+        return encode(list(positions)) if self.shard else encode_sharded(list(positions), encode)
+
+    def _search(self, queries: Tensor, k: int, search_local) -> tuple[Tensor, Tensor]:
+        if not self.shard:
+            return search_local(queries, k)
+        start = self.owned.start
+
+        def search_block(q: Tensor, k_: int) -> tuple[Tensor, Tensor]:
+            scores, local = search_local(q, k_)
+            return scores, local + start
+
+        return sharded_topk(queries, k, search_block, len(self.texts))
+
+    def _oldest_version(self) -> int:
+        oldest = int(self.versions.min()) if len(self.versions) else self.step
+        if self.shard:
+            oldest = min(gather_objects(oldest))
+        return oldest
 
     def _reencode(self, idx: Tensor) -> tuple[int, float, float]:
         """Re-encode the stale ones among ``idx``; returns (count, seconds, summed cosine drift)."""
         vectors = self._require()
-        idx = idx[self.versions[idx] < self.step]
-        if not idx.numel():
-            return 0, 0.0, 0.0
         start = time.perf_counter()
-        fresh = self._encode(idx.tolist())
-        drift_sum = float((1 - (vectors[idx] * fresh).sum(-1)).sum())
-        vectors[idx] = fresh
-        self.versions[idx] = self.step
-        self.index.update(idx, fresh)
-        return int(idx.numel()), time.perf_counter() - start, drift_sum
+        if self.shard:  # ``idx`` is the same on every rank; each re-encodes what it owns
+            idx = idx[(idx >= self.owned.start) & (idx < self.owned.stop)] - self.owned.start
+        idx = idx[self.versions[idx] < self.step]
+        n, drift_sum = int(idx.numel()), 0.0
+        if n:
+            fresh = self._encode([self.owned[i] for i in idx.tolist()])
+            drift_sum = float((1 - (vectors[idx].float() * fresh).sum(-1)).sum())
+            vectors[idx] = fresh.to(vectors.dtype)
+            self.versions[idx] = self.step
+            self.index.update(idx, vectors[idx])
+        if self.shard:  # every rank decides the same (settling, drift threshold) from the corpus-wide counts
+            n, drift_sum = int(sum_over_ranks(n)), sum_over_ranks(drift_sum)
+        return n, time.perf_counter() - start if n else 0.0, drift_sum
 
     def _require(self) -> Tensor:
         if self.vectors is None:

@@ -1,6 +1,6 @@
 """Index back ends for the RL environment: one interface, exact (reference) and HNSW (usearch).
 
-Both hold unit-norm float32 vectors addressed by document position and score by inner product
+Both hold unit-norm vectors addressed by document position and score by inner product
 (= cosine). The environment writes refreshed vectors through ``update``, so an index must accept
 in-place replacement of a few vectors without a rebuild; ``reset`` loads a whole corpus.
 
@@ -37,16 +37,20 @@ class VectorIndex(ABC):
 
 
 class ExactIndex(VectorIndex):
-    """Chunked brute force over a float32 matrix: the reference every other back end is measured against."""
+    """Chunked brute force over the stored matrix: the reference every other back end is measured against.
+
+    It searches the matrix ``reset`` hands it in place, in its dtype (upcast to float32 a chunk at a time),
+    without a copy: the environment and its exact index share one store, so the vectors are held once."""
 
     def __init__(self) -> None:
         self.matrix: Tensor | None = None
 
     def reset(self, vectors: Tensor) -> None:
-        self.matrix = vectors.float().cpu().clone()
+        self.matrix = vectors.detach().cpu()
 
     def update(self, indices: Tensor, vectors: Tensor) -> None:
-        self._require()[indices] = vectors.float().cpu()
+        matrix = self._require()
+        matrix[indices] = vectors.to("cpu", matrix.dtype)
 
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return exact_topk(queries.float().cpu(), self._require(), k)

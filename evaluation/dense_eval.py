@@ -1,7 +1,9 @@
 """Collect embeddings batch by batch, then search and score a task: shared by test and validation.
 
 Only ``(index, embedding)`` pairs are kept; ids come from the task, so nothing but tensors has to
-cross process boundaries under DDP (each rank encodes a shard; :func:`gather_rows` merges them).
+cross process boundaries under DDP. Each rank encodes a shard of the corpus and keeps it: the search is
+sharded (:func:`owned_documents`, :func:`score_task`), so no rank holds the whole corpus; queries
+are few and are gathered (:func:`collect_rows`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from search_r3.datamodules.beir import RetrievalTask
 from search_r3.evaluation.metrics import Run, build_run, evaluate_run
+from search_r3.common.distributed import gather_objects, sharded_topk, world_and_rank
 from search_r3.common.search import exact_topk
 
 
@@ -79,13 +82,57 @@ def _unique_first(indices: Tensor) -> tuple[Tensor, Tensor]:
 
 
 
+def owned_documents(store: EmbeddingStore, key: tuple, expected: int, what: str) -> tuple[Tensor, Tensor]:
+    """This rank's document rows ``(indices, embeddings)``, sorted by index, for a sharded search.
+
+    A document two ranks encoded (the distributed sampler pads the last batches by repeating) belongs to
+    the lowest of them, the copy :func:`collect_rows` would keep. Only indices cross ranks (8 bytes a
+    document), and the ranks together must cover ``0..expected-1``."""
+    idx, emb = store.stacked(key)
+    uniq, first = _unique_first(idx)
+    idx, emb = uniq, emb[first]
+    world, rank = world_and_rank()
+    covered = idx
+    if world > 1:
+        held = gather_objects(idx)
+        if rank:
+            keep = ~torch.isin(idx, torch.cat(held[:rank]))
+            idx, emb = idx[keep], emb[keep]
+        covered = torch.cat(held).unique()
+    if covered.numel() != expected or (expected and (covered[0] != 0 or covered[-1] != expected - 1)):
+        raise RuntimeError(f"{what}: encoded {covered.numel()} distinct rows, expected {expected}")
+    return idx, emb
+
+
 def score_task(
     task: RetrievalTask, doc_embeddings: Tensor, query_embeddings: Tensor, top_k: int, measures: list[str],
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, doc_indices: Tensor | None = None,
 ) -> tuple[dict[str, float], Run]:
-    """Exact search of every query against the task's corpus (on ``device``), scored with ir-measures."""
-    # +1: room for an identical id
-    scores, idx = exact_topk(query_embeddings, doc_embeddings, k=top_k + 1, device=device)
+    """Exact search of every query against the task's corpus (on ``device``), scored with ir-measures.
+
+    ``doc_indices``: the corpus rows ``doc_embeddings`` are, sorted, when the corpus is split across ranks
+    (:func:`owned_documents`). The search is then sharded, a collective: each rank searches a share of the
+    queries against every rank's rows (:func:`~search_r3.common.distributed.sharded_topk`) and the top-k
+    rows are gathered, so every rank builds the same run, the one a search of the gathered corpus gives
+    (ties are ordered by position in both). ``None``: ``doc_embeddings`` is the whole corpus."""
+    k = top_k + 1  # room for an identical id
+    if doc_indices is None:
+        scores, idx = exact_topk(query_embeddings, doc_embeddings, k=k, device=device)
+    else:
+        world, rank = world_and_rank()
+        n = query_embeddings.shape[0]
+
+        def search_local(queries: Tensor, k_: int) -> tuple[Tensor, Tensor]:
+            if not doc_indices.numel():  # a corpus smaller than the world size leaves a rank without documents
+                return queries.new_empty((queries.shape[0], 0)), doc_indices.new_empty((queries.shape[0], 0))
+            found, rows = exact_topk(queries, doc_embeddings, k_, device=device)
+            return found, doc_indices[rows]
+
+        scores, idx = sharded_topk(query_embeddings[rank * n // world : (rank + 1) * n // world], k, search_local,
+                                   task.num_docs)
+        if world > 1:
+            parts = gather_objects((scores, idx))
+            scores, idx = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     run = build_run(list(task.queries), task.doc_ids, scores, idx)
     run = {q: dict(list(docs.items())[:top_k]) for q, docs in run.items()}
     return score_run(task, run, measures), run

@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, score_task
+from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, owned_documents, score_task
 from search_r3.evaluation.mlflow_runs import run_pointer
 from search_r3.model.embedding_lm import EmbeddingLM, Mode
 from search_r3.common.distributed import split_streams_by_rank
@@ -124,13 +124,13 @@ class AdapterTrainingModule(L.LightningModule):
         for mode in self.val_modes:
             scores = []
             for task in tasks:
-                # Under DDP each rank encoded its shard of the corpus: merge them first.
-                gather = (self.trainer.world_size, self.all_gather, self.device)
-                docs = collect_rows(self.store, (task.name, "document", "direct"), task.num_docs,
-                                    f"{task.name} documents", *gather)
+                # Under DDP each rank keeps the shard of the corpus it encoded and the search is sharded;
+                # the queries (few) are gathered.
+                docs = owned_documents(self.store, (task.name, "document", "direct"), task.num_docs,
+                                       f"{task.name} documents")
                 queries = collect_rows(self.store, (task.name, "query", mode), len(task.queries),
-                                       f"{task.name} queries", *gather)
-                metrics, _ = score_task(task, docs, queries, top_k=100, measures=["nDCG@10"])
+                                       f"{task.name} queries", self.trainer.world_size, self.all_gather, self.device)
+                metrics, _ = score_task(task, docs[1], queries, top_k=100, measures=["nDCG@10"], doc_indices=docs[0])
                 self.log(f"val/{task.name}/{mode}/nDCG_at_10", metrics["nDCG@10"], add_dataloader_idx=False)
                 if mode == self.val_modes[0]:
                     self.log(f"val/{task.name}/nDCG_at_10", metrics["nDCG@10"], add_dataloader_idx=False)

@@ -29,8 +29,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torch import nn
 
 from search_r3.datamodules.beir import RetrievalTask
-from search_r3.evaluation.dense_eval import EmbeddingStore, collect_rows, score_run, score_task
-from search_r3.common.distributed import gather_objects
+from search_r3.evaluation.dense_eval import (EmbeddingStore, collect_rows, owned_documents, score_run,
+                                             score_task)
+from search_r3.common.distributed import gather_objects, gather_to_rank_zero, shard_range
 from search_r3.evaluation.metrics import DEFAULT_MEASURES
 from search_r3.evaluation.mlflow_runs import log_dataset_inputs, log_row_runs, run_pointer, task_ref
 from search_r3.evaluation.report import (
@@ -192,7 +193,8 @@ class RetrievalEvalModule(L.LightningModule):
                     start = time.perf_counter()
                     if docs is not None:
                         queries = self._collect((i, task.name, "query", mode), len(task.queries), f"{task.name} queries")
-                        metrics_, run = score_task(task, docs, queries, self.top_k, self.measures, self.device)
+                        metrics_, run = score_task(task, docs[1], queries, self.top_k, self.measures, self.device,
+                                                   doc_indices=docs[0])
                     else:
                         run = retriever.search(task, self.top_k)
                         metrics_ = score_run(task, run, self.measures)
@@ -226,19 +228,28 @@ class RetrievalEvalModule(L.LightningModule):
                     logger.log_metrics(metrics, step=self.global_step)
             self._report(runs)
 
-    def _documents(self, i: int, retriever: DenseRetriever, task: RetrievalTask) -> torch.Tensor:
+    def _documents(self, i: int, retriever: DenseRetriever, task: RetrievalTask) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of the corpus embeddings ``(indices, rows)`` for the sharded search (the whole
+        corpus on one process): from the cache (each rank keeps one block of it) or as this rank encoded it."""
         if (i, task.name) in self._cached:
             docs = self._cached[(i, task.name)]
             if docs.shape[0] != task.num_docs:
                 raise RuntimeError(f"cached {task.name} embeddings have {docs.shape[0]} rows, expected {task.num_docs}")
-            return docs
-        docs = self._collect((i, task.name, "document"), task.num_docs, f"{task.name} documents")
+            block = shard_range(task.num_docs)
+            return torch.arange(block.start, block.stop), docs[block.start : block.stop]
+        idx, emb = owned_documents(self.store, (i, task.name, "document"), task.num_docs, f"{task.name} documents")
         path = self._cache_path(retriever, task)
-        if path is not None and self.trainer.is_global_zero:
-            _atomic_save(docs, path)
+        if path is not None:
+            # The cache file is the whole matrix: under DDP the parts meet on rank 0 only, to be written.
+            parts = gather_to_rank_zero((idx, emb))
+            if parts is not None:
+                full = torch.empty((task.num_docs, emb.shape[1]), dtype=emb.dtype)
+                for part_idx, part_emb in parts:
+                    full[part_idx] = part_emb
+                _atomic_save(full, path)
         if (i, task.name) in self._partial:
             self._partial[(i, task.name)].unlink(missing_ok=True)  # each rank removes its own
-        return docs
+        return idx, emb
 
     # ------------------------------------------------------------------ resumable encoding
     # Partial files are per rank: under DDP each rank encodes its own shard and resumes only that.

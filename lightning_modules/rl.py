@@ -123,6 +123,9 @@ class RLModule(AdapterTrainingModule):
             (fixed-up) embedding's retrieval minus this instead (``failure_reward`` unused).
         min_reasoning_tokens: analyses shorter than this fail the format (0: any analysis, even none).
         refresh: the environment's refresh policy. index: ``exact`` or ``hnsw``.
+        shard_environment: under DDP each rank keeps 1/N of the document vectors, searched by a sharded
+            top-k (same rewards as replicated; see :mod:`search_r3.environment.env`).
+        environment_dtype: storage dtype of the document vectors (``bfloat16``/``float16`` halve them).
         probe_every: steps between fidelity probes on the validation queries (``None`` = never; each
             probe encodes the whole environment corpus once).
         sample_texts: held-out queries whose greedy reasoning is written per validation.
@@ -144,7 +147,8 @@ class RLModule(AdapterTrainingModule):
                  adapter_dir: str = "runs/rl/adapter", val_modes: list[Literal["direct", "reasoning"]] | None = None,
                  seed: int = 0, top_k: int = 0,
                  kl_placement: Literal["per_token", "token_mean"] | None = None,
-                 advantage_baseline: Literal["group", "direct"] = "group") -> None:
+                 advantage_baseline: Literal["group", "direct"] = "group", shard_environment: bool = False,
+                 environment_dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
         super().__init__(encoder, lr, weight_decay, warmup_steps, gradient_clip, adapter_dir,
                          val_modes or ["reasoning", "direct"])
         if group_size < 2:
@@ -171,6 +175,7 @@ class RLModule(AdapterTrainingModule):
         self.format_penalty, self.min_reasoning_tokens = format_penalty, min_reasoning_tokens
         self.refresh_policy = refresh or RefreshPolicy()
         self.index_kind = index
+        self.shard_environment, self.environment_dtype = shard_environment, getattr(torch, environment_dtype)
         self.probe_every, self.sample_texts, self.samples_every = probe_every, sample_texts, samples_every
         self.env: RetrievalEnvironment | None = None
         self._saved_env: dict[str, Any] | None = None
@@ -192,7 +197,8 @@ class RLModule(AdapterTrainingModule):
         """Index the corpus with the current weights (a full encode: the only one unless the policy asks),
         or, resuming, with the stale vectors the checkpoint saved (``state``)."""
         index = HNSWIndex() if self.index_kind == "hnsw" else ExactIndex()
-        self.env = RetrievalEnvironment(texts, self.encoder.encode_documents, self.refresh_policy, index, doc_ids)
+        self.env = RetrievalEnvironment(texts, self.encoder.encode_documents, self.refresh_policy, index, doc_ids,
+                                        shard=self.shard_environment, storage_dtype=self.environment_dtype)
         if state is not None:
             try:
                 self.env.load_state_dict(state)
@@ -217,7 +223,8 @@ class RLModule(AdapterTrainingModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.env is not None and self.env.vectors is not None:
-            # Under DDP this is rank 0's copy; every rank restores it (each had refreshed its own).
+            # Every rank calls this (Lightning dumps on all ranks, rank 0 writes): replicated, rank 0's copy
+            # equals every rank's; sharded, state_dict gathers the blocks. Each rank restores its part.
             checkpoint["environment"] = self.env.state_dict()
         checkpoint["epoch_means"] = self.epoch_means.state_dict()
 
@@ -332,7 +339,7 @@ class RLModule(AdapterTrainingModule):
             terms["kl"] = masked_token_mean(tokens.kl, reduce)
         if self.embed_weight:
             idx, ok, relevant = self.env.candidates(emb.detach(), positives)
-            docs = self.env.vectors[idx].to(emb.device)
+            docs = self.env.vectors_at(idx).to(emb.device)
             weights = advantages.clamp(min=0) if self.embed_advantage_weighted else None
             terms["embed"] = multi_positive_info_nce(emb, docs, relevant.to(emb.device), ok.to(emb.device), self.tau,
                                                      weights, reduce=reduce)

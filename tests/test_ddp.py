@@ -148,13 +148,15 @@ class _SaveRL(L.Callback):
                                                                        "reasoning_tokens", "format_failure_rate")})
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        torch.save({"vectors": pl_module.env.vectors, "versions": pl_module.env.versions, "steps": self.steps,
-                    "encoded": self.encoded[0],
+        env = pl_module.env
+        torch.save({"vectors": env.vectors, "versions": env.versions, "steps": self.steps, "encoded": self.encoded[0],
+                    "owned": (env.owned.start, env.owned.stop), "vector_bytes": env.vector_bytes(),
                     "weights": {n: p.detach().cpu() for n, p in pl_module.named_parameters() if p.requires_grad}},
                    self.out.with_name(f"{self.out.stem}-rank{trainer.global_rank}.pt"))
 
 
-def _run_rl(tiny_lm_dir: Path, root: Path, out: Path, processes: int, module_class: type) -> list[dict]:
+def _run_rl(tiny_lm_dir: Path, root: Path, out: Path, processes: int, module_class: type,
+            **module_args) -> list[dict]:
     from search_r3.datamodules.rl_queries import RLQueryDataModule
     from search_r3.environment import RefreshPolicy
 
@@ -163,7 +165,8 @@ def _run_rl(tiny_lm_dir: Path, root: Path, out: Path, processes: int, module_cla
     encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, max_reasoning_tokens=6,
                           lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_document_tokens=32, max_query_tokens=24)
     module = module_class(encoder, group_size=2, lr=1e-3, kl_weight=0.04, embed_weight=0.1, samples_every=0,
-                      refresh=RefreshPolicy(top_l=5, settle_rounds=1), adapter_dir=str(out.parent / "adapter"))
+                      refresh=RefreshPolicy(top_l=5, settle_rounds=1), adapter_dir=str(out.parent / "adapter"),
+                      **module_args)
     data = RLQueryDataModule(data_root=str(root), max_queries=8, batch_size=4 // processes, val_queries=4,
                              val_corpus_docs=30)
     strategy = DDPStrategy(start_method="spawn") if processes > 1 else "auto"
@@ -207,3 +210,26 @@ def test_two_process_rl_shares_one_environment_and_is_the_one_process_run(tiny_l
         measured = json.loads(path.read_text()) if path.is_file() else {}
         measured.update({"max_abs_env_diff": env_diff, "max_abs_update_diff_rl": max(diffs)})
         path.write_text(json.dumps(measured, indent=2) + "\n")
+
+
+def test_two_process_rl_with_a_sharded_environment_is_the_one_process_run(tiny_lm_dir: Path, mini_train_root: Path,
+                                                                          tmp_path: Path,
+                                                                          sampled_token_reward: type) -> None:
+    """The same Stage-2 run with ``shard_environment: true``: each rank holds half of the document vectors,
+    searches are merged across ranks and refreshes run on the owners, and the per-step losses, rewards and
+    weights are still the one-process run's; the two blocks together are its environment."""
+    (one,) = _run_rl(tiny_lm_dir, mini_train_root, tmp_path / "one" / "rl.pt", 1, sampled_token_reward)
+    two = _run_rl(tiny_lm_dir, mini_train_root, tmp_path / "two" / "rl.pt", 2, sampled_token_reward,
+                  shard_environment=True)
+    assert two[0]["owned"][0] == 0 and two[0]["owned"][1] == two[1]["owned"][0] and two[1]["owned"][1] == len(one["versions"])
+    assert torch.equal(torch.cat([two[0]["versions"], two[1]["versions"]]), one["versions"])
+    env_diff = float((torch.cat([two[0]["vectors"], two[1]["vectors"]]) - one["vectors"]).abs().max())
+    assert env_diff < 1e-5, env_diff
+    assert two[0]["encoded"] + two[1]["encoded"] == one["encoded"]  # each document encoded once, by its owner
+    assert max(t["vector_bytes"] for t in two) <= 0.55 * one["vector_bytes"]
+    for a, b in zip(one["steps"], two[0]["steps"]):
+        for key, value in a.items():
+            tolerance = {"rel": 1e-5} if key == "grad_norm" else {"abs": 1e-5}
+            assert b[key] == pytest.approx(value, **tolerance), (key, one["steps"], two[0]["steps"])
+    diffs = [float((two[0]["weights"][n] - w).abs().max()) for n, w in one["weights"].items()]
+    assert max(diffs) < 1e-5, max(diffs)

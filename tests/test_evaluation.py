@@ -67,6 +67,20 @@ def test_exact_topk_equals_brute_force_across_chunks() -> None:
         exact_topk(queries, docs[:, :16], k=3)
 
 
+def test_exact_topk_orders_ties_by_position_whatever_the_chunking() -> None:
+    """Duplicate documents tie exactly; the top-k must not depend on how the corpus is chunked (or sharded):
+    lowest position first, also when the tie straddles the k-th place."""
+    g = torch.Generator().manual_seed(1)
+    docs = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=-1)
+    for copy in (40, 41, 150, 299):
+        docs[copy] = docs[7]
+    queries = torch.cat([docs[7:8], torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=-1)])
+    for k in (2, 3, 5, 8):
+        results = [exact_topk(queries, docs, k=k, doc_chunk=chunk)[1] for chunk in (300, 97, 41, 7)]
+        assert all(torch.equal(r, results[0]) for r in results), (k, results)
+        assert results[0][0].tolist() == [7, 40, 41, 150, 299, *results[0][0].tolist()[5:]][:k]
+
+
 def test_trec_run_file_format(tmp_path: Path) -> None:
     path = write_trec_run(RUN, tmp_path / "run.trec", tag="t")
     lines = path.read_text().splitlines()

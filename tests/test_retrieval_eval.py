@@ -84,6 +84,16 @@ def test_retriever_names_must_be_unique(tiny_lm_dir: Path) -> None:
         RetrievalEvalModule([EmbeddingLMRetriever(encoder, name="a"), EmbeddingLMRetriever(encoder, name="a")])
 
 
+class _RecordsHeldDocuments(RetrievalEvalModule):  # module level: ddp_spawn pickles it by reference
+    """Writes how many document rows each rank holds when it searches."""
+
+    def _documents(self, i, retriever, task):
+        idx, emb = super()._documents(i, retriever, task)
+        Path(self.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.output_dir) / f"held-rank{self.global_rank}.txt").write_text(f"{idx.numel()} {emb.shape[0]}")
+        return idx, emb
+
+
 @pytest.mark.e2e
 def test_two_process_ddp_gives_the_single_process_numbers(tiny_lm_dir: Path, mini_scifact: Path, tmp_path: Path) -> None:
     import json
@@ -95,8 +105,8 @@ def test_two_process_ddp_gives_the_single_process_numbers(tiny_lm_dir: Path, min
         encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False,
                               max_reasoning_tokens=4)
         bm25 = BM25Retriever(index_dir=str(tmp_path / f"bm25-{name}"), threads=1)
-        module = RetrievalEvalModule([EmbeddingLMRetriever(encoder, name="tiny", modes=["direct", "reasoning"]), bm25],
-                                     output_dir=str(tmp_path / name), embedding_cache_dir=None)
+        module = _RecordsHeldDocuments([EmbeddingLMRetriever(encoder, name="tiny", modes=["direct", "reasoning"]), bm25],
+                                       output_dir=str(tmp_path / name), embedding_cache_dir=None)
         trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                             enable_progress_bar=False, enable_model_summary=False)
         # batch 5: neither the 48 documents nor the 8 queries split evenly, so padding and sharding both matter
@@ -116,6 +126,10 @@ def test_two_process_ddp_gives_the_single_process_numbers(tiny_lm_dir: Path, min
     for key in ("reasoning_queries", "reasoning_tokens_mean", "empty_reasoning_rate", "missing_embed_token_rate"):
         assert reasoning[key] == single[key], key
     assert reasoning["reasoning_queries"] == reasoning["num_queries"] == 8
+    # The search is sharded: each rank holds only the documents it encoded (a padded repeat counts once).
+    held = [int((tmp_path / "ddp" / f"held-rank{r}.txt").read_text().split()[0]) for r in (0, 1)]
+    assert sum(held) == 48 and max(held) <= 0.55 * 48, held
+    assert int((tmp_path / "single" / "held-rank0.txt").read_text().split()[0]) == 48
 
 
 def test_a_reasoning_row_states_how_much_reasoning_there_was(tiny_lm_dir: Path, mini_scifact: Path,
