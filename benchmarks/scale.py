@@ -14,15 +14,10 @@ of interleaved repetitions and their ratio, ``rollout_speedup_batched``. Writes 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,17 +26,17 @@ from search_r3.datamodules.beir_files import ReadReport, find_file, read_qrels, 
 from search_r3.datamodules.sources import resolve_beir  # noqa: E402
 from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings  # noqa: E402
 
+from scale_results import add_common_args, provenance, write_section  # noqa: E402
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="beir/scifact")
-    p.add_argument("--adapter", default=str(ROOT / "checkpoints" / "smollm2-sft-cpu"))
+    add_common_args(p)
     p.add_argument("--queries", type=int, default=8)
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     return p.parse_args()
 
 
@@ -71,10 +66,7 @@ def main() -> None:
     tokens = sum(len(r) for r in rows["batched"])
     medians = {k: statistics.median(v) for k, v in times.items()}
     section = {
-        "command": " ".join(["python benchmarks/scale.py", *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "device": "cpu", "dtype": str(model.lm.dtype), "torch": torch.__version__},
+        **provenance(" ".join(["python benchmarks/scale.py", *sys.argv[1:]]), dtype=str(model.lm.dtype)),
         "queries": len(queries), "group": args.group, "max_new_tokens": args.max_new_tokens,
         # fp32: identical; bf16: a row can change where the batch's kernel shapes round a logit differently
         "sampled_tokens": tokens, "identical_rows": rows["batched"] == rows["per_query"],
@@ -82,11 +74,7 @@ def main() -> None:
         "seconds": times, "median_seconds": medians,
         "rollout_speedup_batched": medians["per_query"] / medians["batched"],
     }
-    out = Path(args.out)
-    result = json.loads(out.read_text()) if out.is_file() else {}
-    result["rollouts"] = section
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_section(args.out, "rollouts", section)
     print(f"per query {medians['per_query']:.1f} s, batched {medians['batched']:.1f} s: "
           f"{section['rollout_speedup_batched']:.2f}x ({tokens} tokens, identical rows: {section['identical_rows']}); "
           f"wrote {out}")

@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -44,18 +42,18 @@ from search_r3.datamodules.sources import resolve_beir  # noqa: E402
 from search_r3.environment import RefreshPolicy, RetrievalEnvironment  # noqa: E402
 from search_r3.evaluation.metrics import build_run, evaluate_run  # noqa: E402
 
+from scale_results import add_common_args, provenance, write_section  # noqa: E402
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="beir/scifact")
-    p.add_argument("--adapter", default=str(ROOT / "checkpoints" / "smollm2-sft-cpu"))
+    add_common_args(p)
     p.add_argument("--docs", type=int, default=600)
     p.add_argument("--queries", type=int, default=32)
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--drift", type=float, default=0.05, help="norm of the seeded move per step, before renormalising")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     return p.parse_args()
 
 
@@ -157,10 +155,8 @@ def main() -> None:
                          "mean_reward_diff": float(diff.mean()), "ndcg@10": ndcg(data, result),
                          "top10_identical_share": float((result["top"] == reference["top"]).all(1).float().mean())}
     section = {
-        "command": " ".join(["python benchmarks/sharded_environment.py", *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "device": "cpu", "embedding_dtype": data["dtype"], "torch": torch.__version__},
+        **provenance(" ".join(["python benchmarks/sharded_environment.py", *sys.argv[1:]]),
+                     embedding_dtype=data["dtype"]),
         "documents": len(data["doc_ids"]), "queries": len(data["query_ids"]), "group": args.group,
         "steps": args.steps, "drift": args.drift,
         "vector_bytes_per_rank": {"replicated_1proc": reference["vector_bytes"],
@@ -172,11 +168,7 @@ def main() -> None:
                                   "sharded_2proc_rank0": statistics.median(ranks[0]["search_seconds"])},
         "storage_dtype": storage,
     }
-    out = Path(args.out)
-    result = json.loads(out.read_text()) if out.is_file() else {}
-    result["environment"] = section
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_section(args.out, "environment", section)
     print(json.dumps({k: section[k] for k in ("env_vector_bytes_per_rank_ratio_2proc",
                                               "sharded_vs_replicated_max_reward_diff", "storage_dtype")}, indent=1))
     print(f"wrote {out}")
