@@ -70,7 +70,10 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(_scenario(model_dir, shard=True), Path(out) / f"rank{rank}.pt")
+        result = _scenario(model_dir, shard=True)
+        # A corpus with fewer documents than ranks would leave a rank an empty block: it stays replicated.
+        result["one_document_sharded"] = RetrievalEnvironment(["only one"], lambda texts: None, shard=True).shard
+        torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -80,6 +83,7 @@ def test_two_sharded_processes_give_the_replicated_search_rewards_and_state(tiny
     mp.spawn(_worker, args=(2, _free_port(), str(tiny_lm_dir), str(tmp_path)), nprocs=2, join=True)
     two = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert two[0]["owned"] == (0, 20) and two[1]["owned"] == (20, 41)
+    assert not two[0]["one_document_sharded"] and not two[1]["one_document_sharded"]
     for s, (a, b) in enumerate(zip(two[0]["steps"], two[1]["steps"])):
         ref = one["steps"][s]
         assert a["reencoded"] == b["reencoded"] == ref["reencoded"] > 0, (s, a["reencoded"], ref["reencoded"])
@@ -133,7 +137,16 @@ def _eval_worker(rank: int, world: int, port: int, out: str) -> None:  # module 
         store.add(("docs",), mine, docs[mine])
         idx, emb = owned_documents(store, ("docs",), 60, "toy documents")
         metrics, run = score_task(task, emb, queries, top_k=10, measures=["nDCG@10", "RR@10"], doc_indices=idx)
-        torch.save({"held": idx.tolist(), "metrics": metrics, "run": run}, Path(out) / f"eval-rank{rank}.pt")
+        # A corpus smaller than the world size: rank 1 encoded no document at all.
+        one = RetrievalTask(name="one", split="test", corpus_path=Path("unused"), queries={"q0": "q0", "q1": "q1"},
+                            qrels={"q0": {"d0": 1}, "q1": {"d0": 1}}, keep_docs=None, doc_ids=["d0"], corpus_size=1)
+        small = EmbeddingStore()
+        if rank == 0:
+            small.add(("docs",), [0], docs[:1])
+        small_idx, small_emb = owned_documents(small, ("docs",), 1, "one document")
+        small_metrics, _ = score_task(one, small_emb, queries[:2], top_k=10, measures=["nDCG@10"], doc_indices=small_idx)
+        torch.save({"held": idx.tolist(), "metrics": metrics, "run": run, "small": small_metrics},
+                   Path(out) / f"eval-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -148,3 +161,4 @@ def test_sharded_evaluation_search_is_the_search_of_the_gathered_corpus(tmp_path
     for r in ranks:  # every rank builds the same run, the one-process run (ties at document 7 included)
         assert r["run"] == run and r["metrics"] == metrics
     assert list(run["q0"])[:4] == ["d7", "d20", "d33", "d59"]
+    assert ranks[0]["small"] == ranks[1]["small"] == {"nDCG@10": 1.0}  # a rank without documents takes part
