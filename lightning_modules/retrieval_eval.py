@@ -204,16 +204,19 @@ class RetrievalEvalModule(L.LightningModule):
                         # every rank's queries (a query a sampler padded in twice counts once)
                         merged = {k: v for part in gather_objects(self._reasoning[(i, task.name, mode)])
                                   for k, v in part.items()}
-                        records = [merged[k] for k in sorted(merged)]
+                        order = sorted(merged)
+                        records = [merged[k] for k in order]
+                        query_ids = list(task.queries)
                         row.reasoning = reasoning_length_stats([r.tokens for r in records],
                                                                sum(r.appended for r in records))
                         row.reasoning.update(analysis_rates([r.measures for r in records if r.measures]))
                         self._samples[(task.name, row.label)] = [
-                            {"query": r.query, "analysis": r.analysis, "analysis_tokens": r.tokens,
+                            {"query_id": query_ids[k], "query": r.query, "analysis": r.analysis,
+                             "analysis_tokens": r.tokens,
                              "embed_token_appended": r.appended,
                              "copies_query": bool(r.measures and r.measures.copies_query),
                              "begins_with_closing": bool(r.measures and r.measures.begins_with_closing)}
-                            for r in records]
+                            for k, r in zip(order, records)]
                     self.rows.append(row)
                     runs[(row.label, task.name)] = run
                     metrics.update({metric_key("test", task.name, row.label, k): v for k, v in metrics_.items()})
@@ -333,6 +336,10 @@ class RetrievalEvalModule(L.LightningModule):
                                        capped=task.capped, query_ids=tuple(task.queries))
             run_file = write_trec_run(run, out / f"run.{name}.{label}.trec", tag=label, provenance=provenance)
             artifacts += [run_file, meta_path(run_file)]
+        for (name, label), samples in self._samples.items():  # per query, beside the run files (a breakdown reads them)
+            path = out / f"analyses.{name}.{label}.jsonl"
+            path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+            artifacts.append(path)
         records = [row.record() for row in self.rows]
         (out / "metrics.json").write_text(json.dumps(records, indent=2))
         artifacts += [out / "metrics.json", write_markdown_tables(self.rows, self.measures, out / "results.md"),

@@ -14,6 +14,8 @@ from search_r3.model.embedding_lm import EmbeddingLM
 from search_r3.lightning_modules.retrieval_eval import RetrievalEvalModule
 from search_r3.common.progress import EvaluationProgress, ProgressLine
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 class _Killed(Exception):
     """Stands in for a crash or a killed job in the middle of encoding the corpus."""
@@ -185,15 +187,48 @@ def test_mlflow_gets_one_comparable_child_run_per_row(tiny_lm_dir: Path, mini_sc
 
     reasoning = by_name["scifact/tiny.reasoning"].info.run_id
     table = json.loads(Path(client.download_artifacts(reasoning, "reasoning_samples.json", str(tmp_path))).read_text())
-    assert table["columns"] == ["query", "analysis", "analysis_tokens", "embed_token_appended", "copies_query",
-                                "begins_with_closing"]
+    assert table["columns"] == ["query_id", "query", "analysis", "analysis_tokens", "embed_token_appended",
+                                "copies_query", "begins_with_closing"]
     task = trainer.datamodule.tasks[0]
-    assert [r[0] for r in table["data"]] == list(task.queries.values())  # every test query, in order
+    assert [r[1] for r in table["data"]] == list(task.queries.values())  # every test query, in order
+    assert [r[0] for r in table["data"]] == list(task.queries)
     expected = {(r.query, r.analysis, r.tokens) for r in long.reasoner.encode(list(task.queries.values()))[1]}
-    assert {(q, a, n) for q, a, n, *_ in table["data"]} == expected
+    assert {(q, a, n) for _, q, a, n, *_ in table["data"]} == expected
     metrics = by_name["scifact/tiny.reasoning"].data.metrics  # every reasoning row says what its analyses are
     assert {"test/copies_query_rate", "test/begins_with_closing_rate", "test/capped_rate"} <= set(metrics)
     assert "reasoning_samples.json" not in {a.path for a in client.list_artifacts(by_name["scifact/tiny.direct"].info.run_id)}
 
     back = rows_from_runs(client, [client.get_run(logger.run_id)], "nDCG@10")
     assert sorted((r.label, r.metrics["nDCG@10"]) for r in back) == sorted((r.label, r.metrics["nDCG@10"]) for r in module.rows)
+
+
+def test_per_query_breakdown_reads_the_tables_outputs(tiny_lm_dir: Path, mini_scifact: Path, tmp_path: Path) -> None:
+    """The table folder holds each query's analysis beside the run files, and the breakdown script splits
+    reasoning − direct by analysis and query length from them, consistently with the recorded row."""
+    import subprocess
+    import sys
+
+    from search_r3.evaluation.metrics import evaluate_run
+    from search_r3.evaluation.paired import read_run
+
+    module, _ = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, max_reasoning_tokens=4)
+    out = next((tmp_path / "out").iterdir())
+    lines = [json.loads(line) for line in (out / "analyses.scifact.tiny.reasoning.jsonl").read_text().splitlines()]
+    task = module.trainer.datamodule.tasks[0]
+    assert [row["query_id"] for row in lines] == list(task.queries)
+    assert [row["query"] for row in lines] == list(task.queries.values())
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "per_query_breakdown.py"), "--grid", str(out),
+                           "--system", "tiny", "--dataset", "scifact", "--data-root", str(mini_scifact.parent),
+                           "--out", str(tmp_path / "breakdown.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "breakdown.json").read_text())
+    groups = result["groups"]
+    reasoning_row = [r for r in json.loads((out / "metrics.json").read_text()) if r["mode"] == "reasoning"][0]
+    assert groups["all"]["queries"] == 8
+    assert groups["empty analysis"]["queries"] == round(reasoning_row["empty_reasoning_rate"] * 8)
+    assert groups["empty analysis"]["queries"] + groups["non-empty analysis"].get("queries", 0) == 8
+    for mode in ("direct", "reasoning"):  # the breakdown's means are the runs' means
+        mean = evaluate_run(task.qrels, read_run(out / f"run.scifact.tiny.{mode}.trec"), ["nDCG@10"])["nDCG@10"]
+        assert groups["all"][mode] == pytest.approx(mean, abs=1e-9)
+    lengths = [g for g in groups if g.split()[0] in ("short", "medium", "long") and "," not in g]
+    assert sum(groups[g]["queries"] for g in lengths) == 8
