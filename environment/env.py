@@ -235,9 +235,11 @@ class RetrievalEnvironment:
         if self.policy.include_positives:
             touched += [torch.as_tensor(list(p), dtype=torch.long) for p in positives if len(p)]
         idx = union_over_ranks(torch.cat(touched))  # under DDP: what any rank's rollouts touched
-        if self.policy.neighbours:
-            _, near = self.search(self.vectors_at(idx[None])[0], self.policy.neighbours + 1)
-            idx = torch.cat([idx, near.flatten()]).unique()
+        if self.policy.neighbours:  # ``idx`` is the same everywhere: each rank looks up a share's neighbours
+            world, rank = world_and_rank()
+            share = idx[rank::world]
+            _, near = self.search(self.vectors_at(share[None])[0], self.policy.neighbours + 1)
+            idx = torch.cat([idx, union_over_ranks(near.flatten())]).unique()
         n, seconds, drift_sum = self._reencode(idx)
         for _ in range(self.policy.settle_rounds):
             _, top = self.search(queries, self.policy.top_l)

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from search_r3.datamodules.beir import RetrievalTask
 from search_r3.environment import RefreshPolicy, RetrievalEnvironment
+from search_r3.environment.index import ExactIndex
 from search_r3.evaluation.dense_eval import EmbeddingStore, owned_documents, score_task
 from search_r3.model.embedding_lm import EmbeddingLM, LoraSettings
 
@@ -28,6 +29,19 @@ TEXTS = [f"document {i} about {['vitamin D', 'Hamlet', 'the ocean', 'prime numbe
 QUERIES = ["vitamin D levels", "Hamlet's father", "deep ocean fish", "prime numbers 7", "number 12",
            "document 3", "vitamin D and bones", "the Danish prince"]
 POSITIVES = [[0, 4], [1], [2, 6, 10], [3], [12], [3], [8], [5, 9]]
+
+
+class CountingIndex(ExactIndex):
+    """The exact index, counting the query rows it is asked to search (each rank's search meets every
+    rank's queries, so a rank that searched its own share twice would show it here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = 0
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.rows += queries.shape[0]
+        return super().search(queries, k)
 
 
 def _free_port() -> int:
@@ -44,7 +58,7 @@ def _scenario(model_dir: str, shard: bool, storage: torch.dtype = torch.float32)
     model = EmbeddingLM(base_model=model_dir, dtype="float32", show_progress=False, batch_size=1,
                         lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     env = RetrievalEnvironment(TEXTS, model.encode_documents, RefreshPolicy(top_l=5, neighbours=1, settle_rounds=1),
-                               shard=shard, storage_dtype=storage)
+                               index=CountingIndex(), shard=shard, storage_dtype=storage)
     mine = slice(rank * len(QUERIES) // world, (rank + 1) * len(QUERIES) // world)
     env.full_refresh()
     out: dict = {"steps": [], "owned": (env.owned.start, env.owned.stop)}
@@ -62,7 +76,8 @@ def _scenario(model_dir: str, shard: bool, storage: torch.dtype = torch.float32)
                              "vectors": env.vectors_at(idx[:, :3]), "reencoded": stats.reencoded,
                              "drift": stats.drift, "staleness": stats.staleness})
     probe = env.fidelity_probe(q, k=5)
-    out.update(probe=(probe.top_overlap, probe.kendall_tau), state=env.state_dict(), bytes=env.vector_bytes())
+    out.update(probe=(probe.top_overlap, probe.kendall_tau), state=env.state_dict(), bytes=env.vector_bytes(),
+               searched_rows=env.index.rows)
     return out
 
 
@@ -98,6 +113,10 @@ def test_two_sharded_processes_give_the_replicated_search_rewards_and_state(tiny
     for state in (two[0]["state"], two[1]["state"]):  # checkpoints hold the whole corpus, in corpus order
         torch.testing.assert_close(state["vectors"], one["state"]["vectors"], atol=1e-6, rtol=0)
         assert torch.equal(state["versions"], one["state"]["versions"])
+    # Each query (rollouts' and the neighbour look-ups') is searched once per block: every rank searches
+    # as many rows as the one process does, not world times as many.
+    assert two[0]["searched_rows"] == two[1]["searched_rows"] == one["searched_rows"], \
+        (two[0]["searched_rows"], two[1]["searched_rows"], one["searched_rows"])
     # Half of the vectors per rank (20 and 21 of 41 documents).
     assert max(t["bytes"] for t in two) <= 0.55 * one["bytes"], ([t["bytes"] for t in two], one["bytes"])
 
