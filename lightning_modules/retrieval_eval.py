@@ -42,6 +42,7 @@ from search_r3.evaluation.report import (
     write_markdown_tables,
 )
 from search_r3.evaluation.results_record import record_rows
+from search_r3.lightning_modules.partial_files import PartialFile, atomic_save, record_from_dict, record_to_dict
 from search_r3.datamodules.bm25 import corpus_digest
 from search_r3.evaluation.retrievers import DenseRetriever, Retriever
 from search_r3.evaluation.run_files import RunProvenance, meta_path, write_trec_run
@@ -50,14 +51,6 @@ from search_r3.model.reasoning import ReasoningRecord
 from search_r3.common.progress import EvaluationProgress
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """Write then rename: a run killed mid-write leaves the previous file, never a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def device_label(device: torch.device) -> str:
@@ -84,10 +77,10 @@ class RetrievalEvalModule(L.LightningModule):
         results_file: where recorded rows go.
         output_dir: local copy of run files, tables and plots (also logged to MLflow as artifacts).
         embedding_cache_dir: cached document embeddings of dense retrievers; ``null`` disables it.
-        partial_save_s: while a corpus is being encoded, save what is done at most this often (seconds)
-            beside the cache, so an interrupted run resumes where it stopped; ``0`` saves after every
-            batch, ``null`` never. A full corpus takes about an hour on a 2-core CPU: losing it to a
-            crash or a killed job is the common case, not the exception.
+        partial_save_s: while a corpus or a query set is being encoded, save what is done at most this
+            often (seconds) beside the cache, so an interrupted run resumes where it stopped (queries
+            with what the model wrote for them); ``0`` saves after every batch, ``null`` never (see
+            ``partial_files.py``). Needs ``embedding_cache_dir``.
     """
 
     def __init__(
@@ -122,9 +115,10 @@ class RetrievalEvalModule(L.LightningModule):
         self._samples: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (dataset, row label) -> analyses
         self._cached: dict[tuple[int, str], torch.Tensor] = {}
         self.partial_save_s = partial_save_s
-        self._resumed: dict[tuple[int, str], set[int]] = {}  # document indices taken from a partial file
-        self._partial: dict[tuple[int, str], Path] = {}  # where each corpus being encoded saves its progress
-        self._last_partial_save: dict[tuple[int, str], float] = {}
+        # indices taken from a partial file: (i, task) documents, (i, task, mode) queries
+        self._resumed: dict[tuple, set[int]] = {}
+        self._partial: dict[tuple[int, str], PartialFile] = {}  # each corpus being encoded
+        self._query_partial: dict[tuple[int, str], PartialFile] = {}  # each query set being encoded
 
     # ------------------------------------------------------------------ loop
     def on_test_epoch_start(self) -> None:
@@ -136,7 +130,7 @@ class RetrievalEvalModule(L.LightningModule):
         self._cached = {}
         self._resumed = {}
         self._partial = {}
-        self._last_partial_save = {}
+        self._query_partial = {}
         for i, retriever in enumerate(self.retrievers):
             if isinstance(retriever, DenseRetriever):
                 for task in self.trainer.datamodule.tasks:
@@ -146,9 +140,13 @@ class RetrievalEvalModule(L.LightningModule):
                         log.info("%s: reusing cached %s document embeddings (%s)", retriever.name, task.name, path)
                     elif path is not None:
                         # Resolved once here: the cache key hashes the corpus, too slow for every batch.
-                        self._partial[(i, task.name)] = path.with_name(f"{path.stem}.partial-rank{self.global_rank}.pt")
-                        self._last_partial_save[(i, task.name)] = time.monotonic()
+                        self._partial[(i, task.name)] = PartialFile(
+                            path.with_name(f"{path.stem}.partial-rank{self.global_rank}.pt"), self.partial_save_s)
                         self._load_partial(i, retriever, task)
+                    if self.embedding_cache_dir is not None:
+                        self._query_partial[(i, task.name)] = PartialFile(
+                            self._query_partial_path(retriever, task), self.partial_save_s)
+                        self._load_query_partial(i, retriever, task)
 
     def test_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> dict[str, int]:
         """Encode the batch with every dense retriever; returns how many texts were encoded (for the ETA)."""
@@ -169,16 +167,22 @@ class RetrievalEvalModule(L.LightningModule):
                                retriever.encode_documents([texts[k] for k in todo]))
                 encoded += len(todo)
                 self._seconds[(i, task)] += time.perf_counter() - start
-                self._maybe_save_partial(i, task)
+                self._save_partial(i, task)
             else:
                 for mode in retriever.modes:
+                    done = self._resumed.get((i, task, mode), set())
+                    todo = [k for k, index in enumerate(batch["index"]) if int(index) not in done]
+                    if not todo:
+                        continue
+                    indices = [int(batch["index"][k]) for k in todo]
                     start = time.perf_counter()
-                    embeddings, new = retriever.encode_queries_with_records(texts, mode)
-                    self.store.add((i, task, "query", mode), batch["index"], embeddings)
+                    embeddings, new = retriever.encode_queries_with_records([texts[k] for k in todo], mode)
+                    self.store.add((i, task, "query", mode), indices, embeddings)
                     if new:
-                        self._reasoning[(i, task, mode)].update(zip((int(x) for x in batch["index"]), new))
+                        self._reasoning[(i, task, mode)].update(zip(indices, new))
                     self._seconds[(i, task, mode)] += time.perf_counter() - start
-                    encoded += len(texts)
+                    encoded += len(todo)
+                self._save_query_partial(i, retriever, task)
         return {"encoded": encoded}
 
     def on_test_epoch_end(self) -> None:
@@ -230,6 +234,8 @@ class RetrievalEvalModule(L.LightningModule):
                 if not isinstance(logger, MLFlowLogger):
                     logger.log_metrics(metrics, step=self.global_step)
             self._report(runs)
+        for partial in self._query_partial.values():  # each rank removes its own, once the rows exist
+            partial.remove()
 
     def _documents(self, i: int, retriever: DenseRetriever, task: RetrievalTask) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's part of the corpus embeddings ``(indices, rows)`` for the sharded search (the whole
@@ -248,40 +254,80 @@ class RetrievalEvalModule(L.LightningModule):
             if parts is not None:
                 full = torch.empty((task.num_docs, emb.shape[1]), dtype=emb.dtype)
                 for part_idx, part_emb in parts:
-                    full[part_idx] = part_emb
-                _atomic_save(full, path)
+                    if part_idx.numel():  # a rank without documents (corpus < world) holds a [0, 0] part
+                        full[part_idx] = part_emb
+                atomic_save(full, path)
         if (i, task.name) in self._partial:
-            self._partial[(i, task.name)].unlink(missing_ok=True)  # each rank removes its own
+            self._partial[(i, task.name)].remove()  # each rank removes its own
         return idx, emb
 
     # ------------------------------------------------------------------ resumable encoding
     # Partial files are per rank: under DDP each rank encodes its own shard and resumes only that.
     def _load_partial(self, i: int, retriever: DenseRetriever, task: RetrievalTask) -> None:
-        path = self._partial[(i, task.name)]
-        if not path.is_file():
+        partial = self._partial[(i, task.name)]
+        saved = partial.load()
+        if saved is None:
             return
-        saved = torch.load(path, weights_only=True)
         indices = saved["indices"].tolist()
         if indices and (min(indices) < 0 or max(indices) >= task.num_docs):
             log.warning("%s: ignoring %s, its document indices do not fit the %d-document corpus",
-                        retriever.name, path, task.num_docs)
+                        retriever.name, partial.path, task.num_docs)
             return
         self.store.add((i, task.name, "document"), indices, saved["embeddings"])
         self._resumed[(i, task.name)] = set(indices)
         self._seconds[(i, task.name)] += float(saved.get("seconds", 0.0))
         log.info("%s: resuming %s documents, %d of %d already encoded (%s)", retriever.name, task.name,
-                 len(set(indices)), task.num_docs, path)
+                 len(set(indices)), task.num_docs, partial.path)
 
-    def _maybe_save_partial(self, i: int, task: str) -> None:
-        if self.partial_save_s is None or (i, task) not in self._partial:
+    def _save_partial(self, i: int, task: str) -> None:
+        def payload() -> dict[str, Any]:
+            indices, embeddings = self.store.stacked((i, task, "document"))
+            return {"indices": indices, "embeddings": embeddings, "seconds": self._seconds[(i, task)]}
+
+        if (i, task) in self._partial:
+            self._partial[(i, task)].maybe_save(payload)
+
+    def _query_partial_path(self, retriever: Retriever, task: RetrievalTask) -> Path:
+        """Keyed by the retriever and the exact query set (ids and texts, in order): a partial file of
+        another query selection or another model is never read."""
+        queries = hashlib.sha256(json.dumps(list(task.queries.items())).encode()).hexdigest()
+        key = hashlib.sha256(f"{retriever.fingerprint()}|{queries}".encode()).hexdigest()[:20]
+        assert self.embedding_cache_dir is not None
+        return self.embedding_cache_dir / f"{task.name}-{retriever.name}-{key}.queries.partial-rank{self.global_rank}.pt"
+
+    def _load_query_partial(self, i: int, retriever: DenseRetriever, task: RetrievalTask) -> None:
+        partial = self._query_partial[(i, task.name)]
+        saved = partial.load()
+        if saved is None:
             return
-        now = time.monotonic()
-        if now - self._last_partial_save[(i, task)] < self.partial_save_s:
-            return
-        self._last_partial_save[(i, task)] = now
-        indices, embeddings = self.store.stacked((i, task, "document"))
-        _atomic_save({"indices": indices, "embeddings": embeddings, "seconds": self._seconds[(i, task)]},
-                     self._partial[(i, task)])
+        by_name = {str(m): m for m in retriever.modes}  # saved as str keys (a retriever's one mode may be None)
+        for name, part in saved["modes"].items():
+            if name not in by_name:
+                continue
+            mode = by_name[name]
+            indices = part["indices"].tolist()
+            self.store.add((i, task.name, "query", mode), indices, part["embeddings"])
+            self._resumed[(i, task.name, mode)] = set(indices)
+            self._reasoning[(i, task.name, mode)].update(
+                {int(k): record_from_dict(r) for k, r in part["records"].items()})
+            self._seconds[(i, task.name, mode)] += float(part["seconds"])
+            log.info("%s: resuming %s queries (%s), %d of %d already encoded (%s)", retriever.name, task.name,
+                     mode, len(set(indices)), len(task.queries), partial.path)
+
+    def _save_query_partial(self, i: int, retriever: DenseRetriever, task: str) -> None:
+        def payload() -> dict[str, Any]:
+            modes: dict[str, Any] = {}
+            for mode in retriever.modes:
+                indices, embeddings = self.store.stacked((i, task, "query", mode))
+                if not indices.numel():
+                    continue
+                records = {int(k): record_to_dict(r) for k, r in self._reasoning[(i, task, mode)].items()}
+                modes[str(mode)] = {"indices": indices, "embeddings": embeddings, "records": records,
+                                    "seconds": self._seconds[(i, task, mode)]}
+            return {"modes": modes}
+
+        if (i, task) in self._query_partial:
+            self._query_partial[(i, task)].maybe_save(payload)
 
     def _cache_path(self, retriever: Retriever, task: RetrievalTask) -> Path | None:
         if self.embedding_cache_dir is None:

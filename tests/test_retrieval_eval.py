@@ -22,7 +22,8 @@ class _Killed(Exception):
 
 
 def _run(tiny_lm_dir: Path, root: Path, tmp_path: Path, fail_after: int | None = None, cache: str = "cache",
-         partial_save_s: float | None = 120.0, **encoder_kw) -> tuple[RetrievalEvalModule, list[int]]:
+         partial_save_s: float | None = 120.0, batch_size: int = 16, query_calls: list[int] | None = None,
+         fail_queries_after: int | None = None, **encoder_kw) -> tuple[RetrievalEvalModule, list[int]]:
     encoder = EmbeddingLM(base_model=str(tiny_lm_dir), dtype="float32", show_progress=False, **encoder_kw)
     calls: list[int] = []
     original = encoder.encode_documents
@@ -34,11 +35,22 @@ def _run(tiny_lm_dir: Path, root: Path, tmp_path: Path, fail_after: int | None =
         return original(texts, batch_size)
 
     encoder.encode_documents = counted
-    module = RetrievalEvalModule([EmbeddingLMRetriever(encoder, name="tiny", modes=["direct", "reasoning"])],
+    retriever = EmbeddingLMRetriever(encoder, name="tiny", modes=["direct", "reasoning"])
+    encode_queries = retriever.encode_queries_with_records
+    query_calls = [] if query_calls is None else query_calls
+
+    def counted_queries(texts, mode):
+        if fail_queries_after is not None and len(query_calls) == fail_queries_after:
+            raise _Killed
+        query_calls.append(len(texts))
+        return encode_queries(texts, mode)
+
+    retriever.encode_queries_with_records = counted_queries
+    module = RetrievalEvalModule([retriever],
                                  output_dir=str(tmp_path / "out"), embedding_cache_dir=str(tmp_path / cache),
                                  partial_save_s=partial_save_s)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.test(module, datamodule=BEIRDataModule(data_root=str(root), datasets=["scifact"], batch_size=16))
+    trainer.test(module, datamodule=BEIRDataModule(data_root=str(root), datasets=["scifact"], batch_size=batch_size))
     return module, calls
 
 
@@ -71,6 +83,26 @@ def test_an_interrupted_run_resumes_the_corpus_where_it_stopped(tiny_lm_dir: Pat
     assert [r.metrics for r in resumed.rows] == [r.metrics for r in straight.rows]
     assert list((tmp_path / "cache").glob("*.partial*")) == []  # the finished cache replaces the partial file
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+
+def test_an_interrupted_run_resumes_the_queries_with_what_the_model_wrote(tiny_lm_dir: Path, mini_scifact: Path,
+                                                                           tmp_path: Path) -> None:
+    straight, _ = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, cache="straight", max_reasoning_tokens=4,
+                       batch_size=4)
+    # 8 queries in batches of 4, each encoded in both modes: killed at the second batch's reasoning mode.
+    with pytest.raises(_Killed):
+        _run(tiny_lm_dir, mini_scifact.parent, tmp_path, fail_queries_after=3, partial_save_s=0,
+             max_reasoning_tokens=4, batch_size=4)
+    assert len(list((tmp_path / "cache").glob("*.queries.partial-rank0.pt"))) == 1
+    calls: list[int] = []
+    resumed, doc_calls = _run(tiny_lm_dir, mini_scifact.parent, tmp_path, partial_save_s=0, max_reasoning_tokens=4,
+                              batch_size=4, query_calls=calls)
+    assert doc_calls == []  # the corpus was done before the queries: all of it from its partial file
+    assert calls == [4, 4]  # only the second batch, in both modes (its direct rows were not saved yet)
+    assert [r.metrics for r in resumed.rows] == [r.metrics for r in straight.rows]
+    assert [r.reasoning for r in resumed.rows] == [r.reasoning for r in straight.rows]  # the analyses came back
+    assert resumed._samples == straight._samples
+    assert list((tmp_path / "cache").glob("*.partial*")) == []
 
 
 def test_the_eta_leaves_out_work_a_resumed_run_already_had() -> None:
