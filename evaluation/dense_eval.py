@@ -94,11 +94,13 @@ def owned_documents(store: EmbeddingStore, key: tuple, expected: int, what: str)
     world, rank = world_and_rank()
     covered = idx
     if world > 1:
-        held = gather_objects(idx)
+        held = gather_objects((idx, emb.shape[1]))
+        if not idx.numel():  # a rank without documents (corpus < world): empty rows of the others' width
+            emb = emb.new_zeros((0, max(width for _, width in held)))
         if rank:
-            keep = ~torch.isin(idx, torch.cat(held[:rank]))
+            keep = ~torch.isin(idx, torch.cat([h[0] for h in held[:rank]]))
             idx, emb = idx[keep], emb[keep]
-        covered = torch.cat(held).unique()
+        covered = torch.cat([h[0] for h in held]).unique()
     if covered.numel() != expected or (expected and (covered[0] != 0 or covered[-1] != expected - 1)):
         raise RuntimeError(f"{what}: encoded {covered.numel()} distinct rows, expected {expected}")
     return idx, emb
@@ -123,8 +125,6 @@ def score_task(
         n = query_embeddings.shape[0]
 
         def search_local(queries: Tensor, k_: int) -> tuple[Tensor, Tensor]:
-            if not doc_indices.numel():  # a corpus smaller than the world size leaves a rank without documents
-                return queries.new_empty((queries.shape[0], 0)), doc_indices.new_empty((queries.shape[0], 0))
             found, rows = exact_topk(queries, doc_embeddings, k_, device=device)
             return found, doc_indices[rows]
 

@@ -254,8 +254,7 @@ class RetrievalEvalModule(L.LightningModule):
             if parts is not None:
                 full = torch.empty((task.num_docs, emb.shape[1]), dtype=emb.dtype)
                 for part_idx, part_emb in parts:
-                    if part_idx.numel():  # a rank without documents (corpus < world) holds a [0, 0] part
-                        full[part_idx] = part_emb
+                    full[part_idx] = part_emb
                 atomic_save(full, path)
         if (i, task.name) in self._partial:
             self._partial[(i, task.name)].remove()  # each rank removes its own

@@ -164,7 +164,8 @@ def _eval_worker(rank: int, world: int, port: int, out: str) -> None:  # module 
             small.add(("docs",), [0], docs[:1])
         small_idx, small_emb = owned_documents(small, ("docs",), 1, "one document")
         small_metrics, _ = score_task(one, small_emb, queries[:2], top_k=10, measures=["nDCG@10"], doc_indices=small_idx)
-        torch.save({"held": idx.tolist(), "metrics": metrics, "run": run, "small": small_metrics},
+        torch.save({"held": idx.tolist(), "metrics": metrics, "run": run, "small": small_metrics,
+                    "small_shape": tuple(small_emb.shape)},
                    Path(out) / f"eval-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -181,3 +182,5 @@ def test_sharded_evaluation_search_is_the_search_of_the_gathered_corpus(tmp_path
         assert r["run"] == run and r["metrics"] == metrics
     assert list(run["q0"])[:4] == ["d7", "d20", "d33", "d59"]
     assert ranks[0]["small"] == ranks[1]["small"] == {"nDCG@10": 1.0}  # a rank without documents takes part
+    # ... holding no rows of the corpus's width (what a cache assembled from every rank's part needs)
+    assert ranks[0]["small_shape"] == (1, 16) and ranks[1]["small_shape"] == (0, 16)
