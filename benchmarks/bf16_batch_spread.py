@@ -59,9 +59,8 @@ def main() -> None:
     add_common_args(p)
     p.add_argument("--docs", type=int, default=96)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.set_defaults(out=str(ROOT / "benchmarks" / "results" / "bf16_batch_spread.json"))  # not scale.json
     args = p.parse_args()
-    if args.out.endswith("scale.json"):
-        args.out = str(ROOT / "benchmarks" / "results" / "bf16_batch_spread.json")
     folder = resolve_beir(args.dataset, split="test")
     texts = [text for _, (_, _, text) in zip(range(args.docs), iter_corpus(find_file(folder, "corpus.jsonl")))]
     result: dict = {**provenance("python benchmarks/bf16_batch_spread.py " + " ".join(sys.argv[1:])),
