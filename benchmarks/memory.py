@@ -20,8 +20,16 @@ the median over the steps after the first (on a shared or busy machine, times ar
 ``memory_quick.json``).
 
 The projection scales each measured part by what it is proportional to: weights by parameter count and
-bytes per parameter, activations by layers x hidden size x tokens, logits by vocabulary x positions per
-chunk. It is a projection, not a measurement: run the paper recipe's first steps to confirm it.
+bytes per parameter, logits by vocabulary x positions per chunk, and activations by tokens x what one
+token leaves saved for the backward pass. Without gradient checkpointing that is every layer's inner
+tensors, ``layers x (6 x hidden + 4 x MLP width)`` (the projections' inputs and outputs, and the MLP's
+gate, up, activation and product); this width model was chosen to fit the Stage-1 step measured on a model
+of Qwen2.5-1.5B's exact shape (``--base-model``, section ``paper_shape``): layers x hidden alone, which
+misses that Qwen's MLP is 5.8 times its width against SmolLM2's 2.7, under-projected that step by 1.7x.
+With checkpointing only each layer's input is kept, ``layers x hidden``. It is a projection, not a
+measurement: run the paper recipe's first steps to confirm it.
+
+    .venv/bin/python benchmarks/memory.py --project-only   # re-project from the saved measurements
 """
 
 from __future__ import annotations
@@ -51,6 +59,18 @@ from scale_results import SCALE_JSON, provenance, write_section  # noqa: E402
 # Public architecture facts of Qwen2.5-1.5B-Instruct (its config.json); SmolLM2's are read from the model.
 QWEN25_15B = {"parameters": 1_543_714_304, "num_hidden_layers": 28, "hidden_size": 1536, "vocab_size": 151_936,
               "intermediate_size": 8960}
+SMOLLM2_135M_INTERMEDIATE = 1536  # its config.json; rows measured before the width was recorded lack it
+GPU_BYTES = 80 * 10**9  # an 80 GB card (A100/H100 80GB)
+USABLE = 0.9  # of it, leaving room for the CUDA context and allocator fragmentation
+
+
+def saved_width(cfg: dict[str, Any], checkpointing: bool) -> int:
+    """Activation elements one token leaves saved for the backward pass, up to a constant factor shared
+    by the models compared: every layer's inner tensors, or only the layers' inputs when checkpointed."""
+    if checkpointing:
+        return cfg["num_hidden_layers"] * cfg["hidden_size"]
+    inter = cfg.get("intermediate_size") or SMOLLM2_135M_INTERMEDIATE
+    return cfg["num_hidden_layers"] * (6 * cfg["hidden_size"] + 4 * inter)
 
 
 class StepProbe(L.Callback):
@@ -157,7 +177,7 @@ def run_variant(args: list[str]) -> dict[str, Any]:
             "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": str(enc.lm.dtype),
             "parameters": sum(p.numel() for p in enc.lm.parameters()),
             "num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-            "vocab_size": cfg.vocab_size, **tokens}
+            "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size, **tokens}
 
 
 def _tokens_per_step(config: Path, overrides: dict[str, Any] | None = None) -> int:
@@ -177,29 +197,50 @@ def _tokens_per_step(config: Path, overrides: dict[str, Any] | None = None) -> i
 
 
 def project(measured: dict[str, dict[str, Any]], scales: dict[str, float]) -> dict[str, Any]:
-    """Qwen2.5-1.5B from the SmolLM2 measurements (see the module docstring for the scaling rules):
-    the measured training memory, in bf16, times the layers x hidden ratio and the tokens-per-step ratio
-    of the paper recipe to the measured one; the unchunked variant's extra (its logits) times the
-    vocabulary ratio instead of the layer ratio."""
+    """Qwen2.5-1.5B from the SmolLM2 measurements (see the module docstring for the scaling rules): the
+    measured training memory, in bf16, times the activation-width ratio (:func:`saved_width`) and the
+    tokens-per-step ratio of the paper recipe to the measured one; the unchunked variant's extra (its
+    logits) times the vocabulary ratio instead. ``headroom_80gb``: how many times the recipe's tokens per
+    GPU fit in 90% of an 80 GB card, were all training memory proportional to tokens (it is not quite:
+    logit chunks and the LoRA state are fixed, so the true figure is a little higher)."""
     small = measured[next(iter(measured))]
-    layer_ratio = (QWEN25_15B["num_hidden_layers"] * QWEN25_15B["hidden_size"]) / (
-        small["num_hidden_layers"] * small["hidden_size"])
+    ratio = {gc: saved_width(QWEN25_15B, gc) / saved_width(small, gc) for gc in (False, True)}
     vocab_ratio = QWEN25_15B["vocab_size"] / small["vocab_size"]
     weights = QWEN25_15B["parameters"] * 2
-    out: dict[str, Any] = {"weights_bytes_bf16": weights, "layer_ratio": round(layer_ratio, 3),
+    out: dict[str, Any] = {"weights_bytes_bf16": weights, "activation_ratio": round(ratio[False], 3),
+                           "activation_ratio_checkpointed": round(ratio[True], 3),
                            "vocab_ratio": round(vocab_ratio, 3), "tokens_per_step_ratio": scales,
                            "note": "a projection from measured scaling, not a measurement"}
     dtype_ratio = 2 / (4 if "float32" in small["dtype"] else 2)
     for name, row in measured.items():
         stage = "stage2" if name.startswith("stage2") else "stage1"
         scale = dtype_ratio * scales[stage]
-        training = row["peak_bytes_above_setup"] * scale * layer_ratio
+        act = ratio["gradient_checkpointing" in name]
+        training = row["peak_bytes_above_setup"] * scale * act
         if name == "stage2_unchunked" and "stage2_chunked" in measured:
             chunked = measured["stage2_chunked"]["peak_bytes_above_setup"] * scale
             logits = max(0.0, row["peak_bytes_above_setup"] * scale - chunked)
-            training = chunked * layer_ratio + logits * vocab_ratio
-        out[name] = {"training_bytes": int(training), "total_gib": round((weights + training) / 2**30, 1)}
+            training = chunked * act + logits * vocab_ratio
+        out[name] = {"training_bytes": int(training), "total_gib": round((weights + training) / 2**30, 1),
+                     "headroom_80gb": round((GPU_BYTES * USABLE - weights) / training, 2)}
     return out
+
+
+def check_against_paper_shape(measured: dict[str, dict[str, Any]], paper: dict[str, Any],
+                              small_tokens: int, paper_tokens: int) -> dict[str, Any]:
+    """The Stage-1 step measured on the paper's shape against what the SmolLM2 scaling predicts for it,
+    under the width model and under the layers x hidden one it replaced. The paper-shape process reads its
+    bf16 weights lazily, so they are inside its peak above set-up and are taken out here."""
+    row, small = paper["variants"]["stage1"], measured["stage1"]
+    per_token = lambda r, tokens: r["peak_bytes_above_setup"] * (2 / (4 if "float32" in r["dtype"] else 2)) / tokens  # noqa: E731
+    actual = (row["peak_bytes_above_setup"] - QWEN25_15B["parameters"] * 2) / paper_tokens
+    base = per_token(small, small_tokens)
+    width = base * saved_width(QWEN25_15B, False) / saved_width(small, False)
+    hidden = base * (QWEN25_15B["num_hidden_layers"] * QWEN25_15B["hidden_size"]) / (
+        small["num_hidden_layers"] * small["hidden_size"])
+    return {"stage1_bytes_per_token_measured": int(actual), "predicted_width_model": int(width),
+            "predicted_layers_x_hidden": int(hidden), "width_model_over_measured": round(width / actual, 2),
+            "layers_x_hidden_over_measured": round(hidden / actual, 2)}
 
 
 def paper_shape_section(result: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +265,25 @@ def paper_shape_section(result: dict[str, Any]) -> dict[str, Any]:
     return section
 
 
+def projection(measured: dict[str, dict[str, Any]], rl_tokens: int) -> dict[str, Any]:
+    """The projection to the ``configs/paper/`` recipes and, when the paper-shape measurement exists
+    (``memory_paper_shape.json``), its check against that measurement."""
+    paper, sft = ROOT / "configs" / "paper", ROOT / "configs" / "sft.yaml"
+    scales = {
+        "stage1": _tokens_per_step(paper / "qwen2.5-1.5b-sft.yaml") / _tokens_per_step(sft),
+        "stage2": _tokens_per_step(paper / "qwen2.5-1.5b-rl.yaml") / _tokens_per_step(
+            ROOT / "configs" / "rl.yaml", {"encoder": {"max_reasoning_tokens": rl_tokens}, "model": {"group_size": 8}}),
+    }
+    out: dict[str, Any] = {"projection_qwen2.5_1.5b": project(measured, scales)}
+    shape = ROOT / "benchmarks" / "results" / "memory_paper_shape.json"
+    if shape.is_file() and "stage1" in measured:
+        paper_run = json.loads(shape.read_text())
+        if "stage1" in paper_run["variants"]:  # --small-batch: Stage 1 batches of 4 queries
+            out["check_against_paper_shape"] = check_against_paper_shape(
+                measured, paper_run, _tokens_per_step(sft), _tokens_per_step(sft, {"data": {"batch_size": 4}}))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: rehearse the script")
@@ -235,7 +295,18 @@ def main() -> None:
                         "benchmarks/paper_shape.py writes one with Qwen2.5-1.5B's shape")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", help="run these variants only")
+    parser.add_argument("--project-only", action="store_true",
+                        help="measure nothing: redo the projection in benchmarks/results/memory.json from its measurements")
     opts = parser.parse_args()
+    if opts.project_only:
+        out = ROOT / "benchmarks" / "results" / "memory.json"
+        result = json.loads(out.read_text())
+        result.update(projection(result["variants"], result["rl_reasoning_tokens"]))
+        result["projection_command"] = "python benchmarks/memory.py --project-only"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: result[k] for k in ("projection_qwen2.5_1.5b", "check_against_paper_shape") if k in result}, indent=1))
+        print(f"wrote {out}")
+        return
     rl_tokens = 16 if opts.quick else opts.rl_tokens
     variants = _variants(opts.quick or opts.small_batch, rl_tokens, opts.base_model)
     if opts.variant:
@@ -264,13 +335,7 @@ def main() -> None:
     if opts.base_model:
         result["base_model"] = opts.base_model
     if not (opts.quick or opts.small_batch) and not opts.base_model:
-        paper = ROOT / "configs" / "paper"
-        scales = {
-            "stage1": _tokens_per_step(paper / "qwen2.5-1.5b-sft.yaml") / _tokens_per_step(ROOT / "configs" / "sft.yaml"),
-            "stage2": _tokens_per_step(paper / "qwen2.5-1.5b-rl.yaml") / _tokens_per_step(
-                ROOT / "configs" / "rl.yaml", {"encoder": {"max_reasoning_tokens": rl_tokens}, "model": {"group_size": 8}}),
-        }
-        result["projection_qwen2.5_1.5b"] = project(measured, scales)
+        result.update(projection(measured, rl_tokens))
     name = "memory_paper_shape" if opts.base_model else "memory"
     out = ROOT / "benchmarks" / "results" / (f"{name}_quick.json" if opts.quick else f"{name}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")

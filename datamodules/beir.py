@@ -13,13 +13,13 @@ corpus would give; such numbers are labelled with the cap wherever they are reco
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from search_r3.common.distributed import world_and_rank
 from search_r3.datamodules.beir_files import (
@@ -86,59 +86,101 @@ def collate_records(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {key: [r[key] for r in rows] for key in rows[0]}
 
 
+def dealt_batches(rows: Iterable[dict[str, Any]], count: int, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """This process's share of the ``count`` ``rows`` cut into consecutive batches of ``batch_size``: batch
+    ``j`` goes to rank ``j % world``, and within a rank to DataLoader worker ``(j // world) % workers``.
+
+    Why whole batches rather than every n-th text: in bf16 a text's embedding depends slightly on the batch
+    it is encoded in (the kernels' blocking follows the batch's shape; ``benchmarks/bf16_batch_spread.py``).
+    Cutting the one global sequence into batches first makes every batch, and so every embedding, the same
+    on any number of processes or workers: only ``batch_size`` still changes bf16 scores.
+
+    With fewer batches than ranks (a small validation set), every rank gets one batch instead, the rows
+    split as evenly as they go, and a row repeated where there are fewer rows than ranks (the merge keeps
+    one copy): Lightning refuses a rank whose loader is empty."""
+    world, rank = world_and_rank()
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info else (1, 0)
+    mine = lambda j: j % world == rank and (j // world) % workers == worker  # noqa: E731
+    if -(-count // batch_size) < world:
+        listed = list(rows)
+        for j in range(world if count else 0):
+            if mine(j):
+                yield listed[j * count // world : (j + 1) * count // world] if count >= world else [listed[j % count]]
+        return
+    batch: list[dict[str, Any]] = []
+    j = 0
+    for row in rows:
+        batch.append(row)
+        if len(batch) == batch_size:
+            if mine(j):
+                yield batch
+            batch, j = [], j + 1
+    if batch and mine(j):
+        yield batch
+
+
+def batches_on_this_rank(count: int, batch_size: int) -> int:
+    """How many of :func:`dealt_batches`'s batches this rank gets (all its workers together)."""
+    world, rank = world_and_rank()
+    return len(range(rank, max(-(-count // batch_size), world if count else 0), world))
+
+
 class CorpusStream(IterableDataset):
-    """Streams a task's documents from disk, sorted by length inside windows of ``sort_window``.
+    """Streams a task's documents from disk in batches, sorted by length inside windows of ``sort_window``.
 
     Window sorting keeps batches of similar length (little padding) without reading the whole corpus
-    first. Under DDP and/or several workers each shard takes every n-th document, so every document
-    is read by exactly one process; ``index`` (position among encoded documents) lets the ranks'
-    results be merged again.
+    first. Every process reads the corpus and keeps only its batches (:func:`dealt_batches`), so every
+    document is encoded by exactly one process, beside the same neighbours whatever the world size;
+    ``index`` (position among encoded documents) lets the ranks' results be merged again. Load it with
+    ``DataLoader(batch_size=None)``: the stream yields whole batches.
     """
 
-    def __init__(self, task: RetrievalTask, sort_window: int = 1024) -> None:
+    def __init__(self, task: RetrievalTask, batch_size: int = 32, sort_window: int = 1024) -> None:
         self.task = task
+        self.batch_size = batch_size
         self.sort_window = sort_window
 
     def __len__(self) -> int:
-        """Documents this rank streams (all its workers together): gives progress bars a total and an ETA."""
-        world, rank = world_and_rank()
-        return len(range(rank, self.task.num_docs, world))
+        """Batches this rank streams (all its workers together): gives progress bars a total and an ETA."""
+        return batches_on_this_rank(self.task.num_docs, self.batch_size)
 
-    def _shard(self) -> tuple[int, int]:
-        world, rank = world_and_rank()
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return rank * workers + worker, world * workers
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        shard, shards = self._shard()
+    def _sorted_windows(self) -> Iterator[dict[str, Any]]:
+        """Every encoded document, in corpus order, each window of ``sort_window`` sorted longest first
+        (a stable sort: ties keep corpus order, so the sequence is the same in every process)."""
         keep = self.task.keep_docs
         buffer: list[dict[str, Any]] = []
         index = 0
         for _, doc_id, text in iter_corpus(self.task.corpus_path, on_bad_row=self.task.on_bad_row):
             if keep is not None and doc_id not in keep:
                 continue
-            if index % shards == shard:
-                buffer.append({"task": self.task.name, "kind": "document", "index": index, "id": doc_id, "text": text})
+            buffer.append({"task": self.task.name, "kind": "document", "index": index, "id": doc_id, "text": text})
             index += 1
             if len(buffer) >= self.sort_window:
                 yield from sorted(buffer, key=lambda r: -len(r["text"]))
                 buffer = []
         yield from sorted(buffer, key=lambda r: -len(r["text"]))
 
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        return dealt_batches(self._sorted_windows(), self.task.num_docs, self.batch_size)
 
-class QueryList(Dataset):
-    def __init__(self, task: RetrievalTask) -> None:
+
+class QueryBatches(IterableDataset):
+    """A task's queries in qrels order, in batches dealt like the corpus's (:func:`dealt_batches`): a query
+    is encoded, and its analysis generated, beside the same queries on any number of processes."""
+
+    def __init__(self, task: RetrievalTask, batch_size: int = 32) -> None:
         self.rows = [
             {"task": task.name, "kind": "query", "index": i, "id": qid, "text": text}
             for i, (qid, text) in enumerate(task.queries.items())
         ]
+        self.batch_size = batch_size
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return batches_on_this_rank(len(self.rows), self.batch_size)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.rows[i]
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        return dealt_batches(self.rows, len(self.rows), self.batch_size)
 
 
 class BEIRDataModule(L.LightningDataModule):
@@ -250,9 +292,10 @@ class BEIRDataModule(L.LightningDataModule):
         loaders = []
         for task in self.tasks:
             # Documents first: the module searches once a task's corpus and queries are both encoded.
-            loaders.append(DataLoader(CorpusStream(task, self.sort_window), batch_size=self.batch_size,
+            # batch_size=None: the datasets yield whole batches, dealt to ranks (see dealt_batches)
+            loaders.append(DataLoader(CorpusStream(task, self.batch_size, self.sort_window), batch_size=None,
                                       num_workers=self.num_workers, collate_fn=collate_records))
-            loaders.append(DataLoader(QueryList(task), batch_size=self.batch_size, shuffle=False,
+            loaders.append(DataLoader(QueryBatches(task, self.batch_size), batch_size=None,
                                       collate_fn=collate_records))
         return loaders
 

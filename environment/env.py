@@ -29,11 +29,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from scipy.stats import kendalltau
 from torch import Tensor
 
+from search_r3.common.atomic_files import atomic_save
 from search_r3.environment.index import ExactIndex, VectorIndex
 from search_r3.environment.rewards import RewardKind, dcg_reward
 from search_r3.common.distributed import (encode_sharded, gather_objects, gather_padded, own_rows, shard_range,
@@ -178,20 +180,33 @@ class RetrievalEnvironment:
             self._digest = h.hexdigest()[:16]
         return self._digest
 
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self, shard_folder: Path | None = None) -> dict[str, object]:
         """What a resumed run needs to see the same stale vectors: each document's vector and version.
 
         Re-encoding the corpus on resume would hand the resumed run *fresh* vectors where the
         uninterrupted one had stale ones, so rewards (and the training) would differ from there on.
+
+        Sharded with ``shard_folder``: each rank writes its own block there
+        (``step<S>-rank<r>-of<N>.pt``) and the state only names the blocks, so no rank ever holds the
+        whole corpus, at a save or at a load. Otherwise the state holds the whole matrix (sharded without
+        a folder: the blocks gathered, in corpus order).
         """
         vectors, versions = self._require().clone(), self.versions.clone()
+        meta = {"step": self.step, "corpus": self.corpus_digest()}
+        if self.shard and shard_folder is not None:
+            world, rank = world_and_rank()
+            name = f"step{self.step}-rank{rank}-of{world}.pt"
+            atomic_save({"start": self.owned.start, "vectors": vectors, "versions": versions}, Path(shard_folder) / name)
+            # a collective: when it returns on rank 0 (which writes the checkpoint), every block is on disk
+            blocks = gather_objects((self.owned.start, self.owned.stop, name))
+            return {**meta, "shard_folder": str(shard_folder), "blocks": blocks}
         if self.shard:  # one format for both layouts (and any world size): the blocks in corpus order
-            blocks = gather_objects((vectors, versions))
-            vectors, versions = torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
-        return {"vectors": vectors, "versions": versions, "step": self.step, "corpus": self.corpus_digest()}
+            parts = gather_objects((vectors, versions))
+            vectors, versions = torch.cat([b[0] for b in parts]), torch.cat([b[1] for b in parts])
+        return {**meta, "vectors": vectors, "versions": versions}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore a :meth:`state_dict` and rebuild the index from its vectors.
+        """Restore a :meth:`state_dict` (either form, written by any world size) and rebuild the index.
 
         Exact for :class:`ExactIndex`; an HNSW graph rebuilt in one go is linked differently from one
         grown by updates, so approximate search may differ in near-ties.
@@ -199,11 +214,35 @@ class RetrievalEnvironment:
         if state.get("corpus") != self.corpus_digest():
             raise ValueError("the saved environment was encoded from another corpus "
                              f"({state.get('corpus')} != {self.corpus_digest()}): it cannot be restored here")
-        block = slice(self.owned.start, self.owned.stop)
-        self.vectors = torch.as_tensor(state["vectors"])[block].to("cpu", self.storage_dtype).clone()
-        self.versions = torch.as_tensor(state["versions"], dtype=torch.long)[block].clone()
+        if "blocks" in state:
+            vectors, versions = self._read_blocks(state)
+        else:
+            block = slice(self.owned.start, self.owned.stop)
+            vectors = torch.as_tensor(state["vectors"])[block]
+            versions = torch.as_tensor(state["versions"], dtype=torch.long)[block]
+        self.vectors = vectors.to("cpu", self.storage_dtype).clone()
+        self.versions = versions.to(torch.long).clone()
         self.step = int(state["step"])  # type: ignore[arg-type]
         self.index.reset(self.vectors)
+
+    def _read_blocks(self, state: dict[str, object]) -> tuple[Tensor, Tensor]:
+        """This rank's rows from the block files a sharded state names: only the files overlapping its
+        rows are opened (memory-mapped), so another world size than the saving one works too."""
+        folder, parts = Path(str(state["shard_folder"])), []
+        for start, stop, name in state["blocks"]:  # type: ignore[union-attr]
+            lo, hi = max(start, self.owned.start), min(stop, self.owned.stop)
+            if lo >= hi:
+                continue
+            path = folder / name
+            if not path.is_file():
+                raise ValueError(f"the checkpoint's environment block {path} is missing (each rank writes its "
+                                 "block there; copy the folder with the checkpoint)")
+            saved = torch.load(path, weights_only=True, mmap=True)
+            parts.append((saved["vectors"][lo - start : hi - start], saved["versions"][lo - start : hi - start]))
+        if sum(len(p[1]) for p in parts) != len(self.owned):
+            raise ValueError(f"the checkpoint's environment blocks in {folder} do not cover rows "
+                             f"{self.owned.start}..{self.owned.stop - 1}")
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     # ------------------------------------------------------------------ refresh
     def full_refresh(self) -> RefreshStats:

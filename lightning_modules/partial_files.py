@@ -17,16 +17,9 @@ from typing import Any, Callable
 
 import torch
 
+from search_r3.common.atomic_files import atomic_save
 from search_r3.model.analysis_measures import AnalysisMeasures
 from search_r3.model.reasoning import ReasoningRecord
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write then rename: a run killed mid-write leaves the previous file, never a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 class PartialFile:

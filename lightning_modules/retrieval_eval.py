@@ -42,7 +42,8 @@ from search_r3.evaluation.report import (
     write_markdown_tables,
 )
 from search_r3.evaluation.results_record import record_rows
-from search_r3.lightning_modules.partial_files import PartialFile, atomic_save, record_from_dict, record_to_dict
+from search_r3.common.atomic_files import atomic_save
+from search_r3.lightning_modules.partial_files import PartialFile, record_from_dict, record_to_dict
 from search_r3.datamodules.bm25 import corpus_digest
 from search_r3.evaluation.retrievers import DenseRetriever, Retriever
 from search_r3.evaluation.run_files import RunProvenance, meta_path, write_trec_run
@@ -205,7 +206,7 @@ class RetrievalEvalModule(L.LightningModule):
                     seconds = time.perf_counter() - start + self._seconds[(i, task.name)] + self._seconds[(i, task.name, mode)]
                     row = self._row(retriever, mode, task, metrics_, seconds, cached=(i, task.name) in self._cached)
                     if mode == "reasoning":
-                        # every rank's queries (a query a sampler padded in twice counts once)
+                        # every rank's queries (a query two ranks encoded, as a small set can give, counts once)
                         merged = {k: v for part in gather_objects(self._reasoning[(i, task.name, mode)])
                                   for k, v in part.items()}
                         order = sorted(merged)

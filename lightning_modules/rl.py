@@ -124,7 +124,8 @@ class RLModule(AdapterTrainingModule):
         min_reasoning_tokens: analyses shorter than this fail the format (0: any analysis, even none).
         refresh: the environment's refresh policy. index: ``exact`` or ``hnsw``.
         shard_environment: under DDP each rank keeps 1/N of the document vectors, searched by a sharded
-            top-k (same rewards as replicated; see :mod:`search_r3.environment.env`).
+            top-k (same rewards as replicated; see :mod:`search_r3.environment.env`). A checkpoint then
+            names per-rank block files, which each rank writes to ``environment/`` beside ``adapter_dir``.
         environment_dtype: storage dtype of the document vectors (``bfloat16``/``float16`` halve them).
         probe_every: steps between fidelity probes on the validation queries (``None`` = never; each
             probe encodes the whole environment corpus once).
@@ -224,8 +225,10 @@ class RLModule(AdapterTrainingModule):
         super().on_save_checkpoint(checkpoint)
         if self.env is not None and self.env.vectors is not None:
             # Every rank calls this (Lightning dumps on all ranks, rank 0 writes): replicated, rank 0's copy
-            # equals every rank's; sharded, state_dict gathers the blocks. Each rank restores its part.
-            checkpoint["environment"] = self.env.state_dict()
+            # equals every rank's; sharded, each rank writes its block to a file the checkpoint names.
+            # Each rank restores its part.
+            folder = Path(self.adapter_dir).parent / "environment" if self.env.shard else None
+            checkpoint["environment"] = self.env.state_dict(folder)
         checkpoint["epoch_means"] = self.epoch_means.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from search_r3.datamodules.beir import BEIRDataModule, CorpusStream
+from search_r3.datamodules import beir
+from search_r3.datamodules.beir import BEIRDataModule, CorpusStream, QueryBatches
 from search_r3.datamodules.beir_files import DataFormatError
 
 
@@ -39,14 +40,39 @@ def test_corpus_stream_reads_every_document_once(mini_scifact: Path) -> None:
     assert lengths[:7] == sorted(lengths[:7], reverse=True)  # sorted inside the first window
 
 
-def test_corpus_stream_shards_are_disjoint_and_complete(mini_scifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _batches_on(stream, world: int, monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, ...]]]:
+    """Each rank's batches (as tuples of indices) when ``stream`` is read by ``world`` processes."""
+    ranks = []
+    for rank in range(world):
+        monkeypatch.setattr(beir, "world_and_rank", lambda r=rank: (world, r))
+        ranks.append([tuple(row["index"] for row in batch) for batch in stream])
+        assert len(ranks[-1]) == len(stream)  # the length progress bars use
+    return ranks
+
+
+@pytest.mark.parametrize("kind", ["documents", "queries"])
+def test_every_world_size_encodes_the_same_batches(mini_scifact: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   kind: str) -> None:
+    """A text meets the same neighbours on 1, 2 or 3 processes (bf16 embeddings depend on the batch), and
+    the ranks' shares are disjoint and cover every text once."""
     task = _module(mini_scifact.parent, datasets=["scifact"]).tasks[0]
-    parts = []
-    for shard in range(3):
-        stream = CorpusStream(task)
-        monkeypatch.setattr(stream, "_shard", lambda s=shard: (s, 3))
-        parts.append({row["index"] for row in stream})
-    assert set().union(*parts) == set(range(task.num_docs)) and sum(map(len, parts)) == task.num_docs
+    stream = CorpusStream(task, batch_size=5, sort_window=7) if kind == "documents" else QueryBatches(task, batch_size=3)
+    one = _batches_on(stream, 1, monkeypatch)[0]
+    assert sorted(i for b in one for i in b) == list(range(task.num_docs if kind == "documents" else len(task.queries)))
+    for world in (2, 3):
+        ranks = _batches_on(stream, world, monkeypatch)
+        assert sorted(b for r in ranks for b in r) == sorted(one), world
+        assert [len(r) for r in ranks] == [len(range(k, len(one), world)) for k in range(world)]
+
+
+def test_fewer_batches_than_ranks_still_give_every_rank_a_batch(mini_scifact: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning refuses a rank with an empty validation loader: 8 queries in batches of 5 (two batches)
+    on 3 ranks are one batch each, and 2 queries on 3 ranks repeat one (the merge keeps one copy)."""
+    task = _module(mini_scifact.parent, datasets=["scifact"]).tasks[0]
+    assert _batches_on(QueryBatches(task, batch_size=5), 3, monkeypatch) == [[(0, 1)], [(2, 3, 4)], [(5, 6, 7)]]
+    two = _module(mini_scifact.parent, datasets=["scifact"], max_queries=2).tasks[0]
+    assert _batches_on(QueryBatches(two, batch_size=5), 3, monkeypatch) == [[(0,)], [(1,)], [(0,)]]
 
 
 def test_capped_run_keeps_judged_documents(data_root: Path) -> None:

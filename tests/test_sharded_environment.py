@@ -4,7 +4,7 @@ Each rank owns half of the document vectors; searches are a local top-k per rank
 candidates per query and rank, refreshes re-encode on the owner, and the vectors a reward needs are
 summed from their owners. Against one process holding everything and seeing every rank's queries: the
 same top-k, rewards, refresh counts, staleness, fidelity probe and checkpoint state, with half the
-vector bytes per rank. A reduced storage dtype halves the bytes again and moves rewards only a little.
+vector bytes per rank; a checkpoint's per-rank block files restore either layout. A reduced storage dtype halves the bytes again and moves rewards only a little.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _scenario(model_dir: str, shard: bool, storage: torch.dtype = torch.float32) -> dict:
+def _scenario(model_dir: str, shard: bool, storage: torch.dtype = torch.float32, blocks: str | None = None) -> dict:
     """Two RL-like steps on this rank's half of the queries (all of them on one process)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -78,6 +78,11 @@ def _scenario(model_dir: str, shard: bool, storage: torch.dtype = torch.float32)
     probe = env.fidelity_probe(q, k=5)
     out.update(probe=(probe.top_overlap, probe.kendall_tau), state=env.state_dict(), bytes=env.vector_bytes(),
                searched_rows=env.index.rows)
+    if blocks is not None:  # a checkpoint of per-rank block files, restored by a fresh sharded environment
+        out["manifest"] = env.state_dict(Path(blocks))
+        fresh = RetrievalEnvironment(TEXTS, model.encode_documents, shard=shard)
+        fresh.load_state_dict(out["manifest"])
+        out["restored"] = (fresh.vectors, fresh.versions, fresh.step)
     return out
 
 
@@ -85,7 +90,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = _scenario(model_dir, shard=True)
+        result = _scenario(model_dir, shard=True, blocks=str(Path(out) / "blocks"))
         # A corpus with fewer documents than ranks would leave a rank an empty block: it stays replicated.
         result["one_document_sharded"] = RetrievalEnvironment(["only one"], lambda texts: None, shard=True).shard
         torch.save(result, Path(out) / f"rank{rank}.pt")
@@ -113,6 +118,20 @@ def test_two_sharded_processes_give_the_replicated_search_rewards_and_state(tiny
     for state in (two[0]["state"], two[1]["state"]):  # checkpoints hold the whole corpus, in corpus order
         torch.testing.assert_close(state["vectors"], one["state"]["vectors"], atol=1e-6, rtol=0)
         assert torch.equal(state["versions"], one["state"]["versions"])
+    # A checkpoint of a sharded environment: each rank wrote only its own block, the state names them,
+    # each rank restores its block from them, and one process restores the whole corpus from both.
+    assert two[0]["manifest"] == two[1]["manifest"] and "vectors" not in two[0]["manifest"]
+    for rank, rows in ((0, 20), (1, 21)):
+        saved = torch.load(tmp_path / "blocks" / f"step2-rank{rank}-of2.pt", weights_only=True)
+        assert saved["vectors"].shape[0] == saved["versions"].shape[0] == rows
+        vectors, versions, step = two[rank]["restored"]
+        start = two[rank]["owned"][0]
+        torch.testing.assert_close(vectors, one["state"]["vectors"][start : start + rows], atol=1e-6, rtol=0)
+        assert torch.equal(versions, one["state"]["versions"][start : start + rows]) and step == 2
+    whole = RetrievalEnvironment(TEXTS, lambda texts: None)
+    whole.load_state_dict(two[0]["manifest"])
+    torch.testing.assert_close(whole.vectors, one["state"]["vectors"], atol=1e-6, rtol=0)
+    assert torch.equal(whole.versions, one["state"]["versions"])
     # Each query (rollouts' and the neighbour look-ups') is searched once per block: every rank searches
     # as many rows as the one process does, not world times as many.
     assert two[0]["searched_rows"] == two[1]["searched_rows"] == one["searched_rows"], \
