@@ -64,7 +64,9 @@ def main() -> None:
     folder = resolve_beir(args.dataset, split="test")
     texts = [text for _, (_, _, text) in zip(range(args.docs), iter_corpus(find_file(folder, "corpus.jsonl")))]
     result: dict = {**provenance("python benchmarks/bf16_batch_spread.py " + " ".join(sys.argv[1:])),
-                    "dataset": args.dataset, "documents": len(texts), "adapter": args.adapter, "dtypes": {}}
+                    "dataset": args.dataset, "documents": len(texts), "dtypes": {},
+                    "adapter": str(Path(args.adapter).resolve().relative_to(ROOT))
+                    if Path(args.adapter).resolve().is_relative_to(ROOT) else args.adapter}
     for dtype in ("auto", "float32"):
         model = EmbeddingLM(adapter=args.adapter, dtype=dtype, show_progress=False)
         lengths = [len(ids) for ids in model.direct_prompt_ids(texts, "document")]

@@ -33,11 +33,16 @@ sys.path.insert(0, str(ROOT))
 from scale_results import SCALE_JSON, provenance, write_section  # noqa: E402
 
 
+def encoder_args(batch: int, args: argparse.Namespace) -> dict:
+    """The encoder of every setting (and of the thread check), ``batch`` texts per forward pass."""
+    return {"base_model": "smollm2-135m-instruct", "dtype": "auto", "max_document_tokens": 256,
+            "adapter": args.adapter, "batch_size": batch, "show_progress": False}
+
+
 def setting_config(batch: int, processes: int, work: Path, args: argparse.Namespace) -> dict:
     """The ``search-r3 test`` config of one setting (every path relative to the repository root)."""
     folder = work / f"b{batch}-p{processes}"
-    encoder = {"base_model": "smollm2-135m-instruct", "dtype": "auto", "max_document_tokens": 256,
-               "adapter": args.adapter, "batch_size": batch, "show_progress": False}
+    encoder = encoder_args(batch, args)
     data = {"datasets": [args.dataset], "split": "test", "batch_size": batch}
     if args.max_queries:
         data["max_queries"] = args.max_queries
@@ -114,8 +119,7 @@ def rescored_with_threads(work: Path, batch: int, threads: int, args: argparse.N
     data = BEIRDataModule(datasets=[args.dataset], max_queries=args.max_queries, max_corpus_docs=args.max_corpus_docs)
     data.setup("test")
     task = data.tasks[0]
-    encoder = EmbeddingLM(adapter=args.adapter, dtype="auto", max_document_tokens=256, batch_size=batch,
-                          show_progress=False)
+    encoder = EmbeddingLM(**encoder_args(batch, args))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     texts = list(task.queries.values())
@@ -171,7 +175,8 @@ def main() -> None:
     section = {
         **provenance("python benchmarks/bf16_eval_spread.py " + " ".join(sys.argv[1:]), cpu=cpu,
                      bf16_isa=[f for f in ("amx_bf16", "avx512_bf16") if f in flags]),
-        "dataset": args.dataset, "adapter": args.adapter, "mode": "direct", "max_document_tokens": 256,
+        "dataset": args.dataset, "adapter": args.adapter, "mode": "direct",
+        "max_document_tokens": encoder_args(reference, args)["max_document_tokens"],
         "max_queries": args.max_queries, "max_corpus_docs": args.max_corpus_docs,
         "reference": f"b{reference}-p1",
         "bf16_eval_ndcg_spread": round(max(every) - min(every), 4),

@@ -40,18 +40,16 @@ class EmbeddingStore:
 
 
 def gather_rows(indices: Tensor, embeddings: Tensor, all_gather) -> tuple[Tensor, Tensor]:
-    """Merge every rank's ``(indices, embeddings)``; duplicates (a sampler's padding) dropped.
+    """Merge every rank's ``(indices, embeddings)``; a row two ranks encoded is kept once.
 
     ``all_gather`` is ``LightningModule.all_gather``; ranks may hold different row counts, so rows are
-    padded to the largest count first and the padding (index -1) removed afterwards.
+    padded to the largest count first and the padding (index -1) removed afterwards. Every rank holds rows:
+    the evaluation loaders give each rank at least one batch (``dealt_batches``).
     """
-    shape = torch.tensor([indices.shape[0], embeddings.shape[1]], device=embeddings.device)
-    shapes = all_gather(shape).reshape(-1, 2)
-    width = int(shapes[:, 0].max())
-    if not indices.numel():  # a rank that got no batch (fewer batches than ranks): empty rows of the others' width
-        embeddings = embeddings.new_zeros((0, int(shapes[:, 1].max())))
+    count = torch.tensor([indices.shape[0]], device=embeddings.device)
+    width = int(all_gather(count).max())
     pad = width - indices.shape[0]
-    idx = torch.cat([indices.to(embeddings.device), torch.full((pad,), -1, dtype=torch.long, device=embeddings.device)])
+    idx = torch.cat([indices, torch.full((pad,), -1, dtype=torch.long)])
     emb = torch.cat([embeddings, embeddings.new_zeros((pad, embeddings.shape[1]))])
     idx, emb = all_gather(idx).flatten(0, 1).cpu(), all_gather(emb).flatten(0, 1).cpu()
     keep = idx >= 0
